@@ -1,0 +1,170 @@
+"""Stage 0: the GPT-2 model as a PyTorch nn.Module.
+
+New in this stage (lecture 00:13-00:28, "Section 1: implementing the GPT-2 nn.Module"):
+- GPTConfig with GPT-2 124M's sizes (12 layers, 12 heads, 768 dims, 1024 positions, 50257 tokens)
+- CausalSelfAttention (one fused c_attn projection, heads split by view/transpose, causal mask),
+  MLP (GELU, tanh approximation), Block (pre-LayerNorm residual), GPT (wte, wpe, h, ln_f, lm_head)
+- a sampling loop that extends a prompt one token at a time
+
+Run:   python 0_gpt2_model.py       (builds the 124M model, prints its size, samples from it)
+Next:  diff 0_gpt2_model.py 1_gpt2_hf_eval.py
+"""
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import tiktoken
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length (GPT-2 paper, section 2.3)
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + 1 <|endoftext|>
+    n_layer: int = 12  # GPT-2 124M; medium/large/xl: 24/36/48
+    n_head: int = 12  # 12/16/20/25
+    n_embd: int = 768  # 768/1024/1280/1600
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        # query, key and value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        # output projection back into the residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        # causal mask, (1, 1, block_size, block_size); derived, not learned, so not saved
+        # ("bias" is the name OpenAI/HF use for it)
+        mask = torch.tril(torch.ones(config.block_size, config.block_size))
+        self.register_buffer("bias", mask.view(1, 1, config.block_size, config.block_size),
+                             persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.size()  # batch size, sequence length, embedding dim (n_embd)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        q, k, v = qkv.split(self.n_embd, dim=2)
+        # split C into n_head heads of hs = C / n_head dims; heads become a batch dimension
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # attention scores, scaled by 1/sqrt(hs) so softmax starts diffuse ("Attention Is All
+        # You Need", section 3.2.1); a position may only attend to itself and earlier ones
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)  # 4x hidden, as in GPT-1/2
+        # GPT-2 used the tanh approximation of GELU; we keep it to match its weights exactly
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        # pre-LayerNorm (GPT-2 paper, section 2.3): the residual stream itself is never
+        # normalised, so gradients flow straight from the loss to the embeddings
+        x = x + self.attn(self.ln_1(x))  # tokens communicate
+        x = x + self.mlp(self.ln_2(x))  # each token computes on its own
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),  # GPT-2 adds a final LayerNorm after the blocks
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def forward(self, idx, targets=None):
+        # idx: (B, T) token ids; targets: (B, T) next-token ids, or None
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} > block size {self.config.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+@torch.no_grad()
+def generate(model, idx, max_length, generator=None):
+    """Extend idx (B, T) to (B, max_length) by sampling one next token at a time."""
+    while idx.size(1) < max_length:
+        logits, _ = model(idx[:, -model.config.block_size:])  # (B, T, vocab_size)
+        logits = logits[:, -1, :]  # only the last position predicts the next token: (B, vocab)
+        probs = F.softmax(logits, dim=-1)
+        next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        idx = torch.cat((idx, next_id), dim=1)
+    return idx
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build GPT-2 and sample from the random model.")
+    parser.add_argument("--n-layer", type=int, default=12)
+    parser.add_argument("--n-head", type=int, default=12)
+    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    if args.n_embd % args.n_head != 0:
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
+
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {n_params:,}")  # 163,037,184 for 124M: lm_head is not yet tied to wte
+
+    enc = tiktoken.get_encoding("gpt2")
+    tokens = enc.encode("Hello, I'm a language model,")  # 8 tokens
+    x = torch.tensor(tokens, dtype=torch.long).unsqueeze(0).repeat(2, 1)  # (2, 8)
+    logits, _ = model(x)
+    print(f"input {tuple(x.shape)} -> logits {tuple(logits.shape)}")  # (2, 8) -> (2, 8, 50257)
+
+    # a random model predicts close to uniformly over 50257 tokens, so expect gibberish
+    g = torch.Generator().manual_seed(args.seed)
+    for row in generate(model, x, max_length=16, generator=g):
+        print(">", enc.decode(row.tolist()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Stage 1: load OpenAI's GPT-2 weights through Hugging Face and sample from them.
+
+New in this stage (lecture 00:28-00:45, "loading the huggingface/GPT-2 parameters",
+"forward pass", "sampling init, prefix tokens, tokenization", "sampling loop"):
+- GPT.from_pretrained(name_or_dir): gpt2 | gpt2-medium | gpt2-large | gpt2-xl from the hub,
+  or a local directory written by GPT2LMHeadModel.save_pretrained; Conv1D weights transposed
+- device auto-detect: cuda, then mps, then cpu (--device to choose)
+- top-k 50 sampling, seeded, of 5 sequences of 30 tokens from "Hello, I'm a language model,"
+- a check printed at the end: max |logit difference| against GPT2LMHeadModel on the prompt
+
+Run:   python 1_gpt2_hf_eval.py                      (downloads gpt2, 124M)
+       python 1_gpt2_hf_eval.py --model path/to/dir  (offline: a save_pretrained directory)
+Diff:  diff 0_gpt2_model.py 1_gpt2_hf_eval.py
+"""
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import tiktoken
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length (GPT-2 paper, section 2.3)
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + 1 <|endoftext|>
+    n_layer: int = 12  # GPT-2 124M; medium/large/xl: 24/36/48
+    n_head: int = 12  # 12/16/20/25
+    n_embd: int = 768  # 768/1024/1280/1600
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        # query, key and value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        # output projection back into the residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        # causal mask, (1, 1, block_size, block_size); derived, not learned, so not saved
+        # ("bias" is the name OpenAI/HF use for it)
+        mask = torch.tril(torch.ones(config.block_size, config.block_size))
+        self.register_buffer("bias", mask.view(1, 1, config.block_size, config.block_size),
+                             persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.size()  # batch size, sequence length, embedding dim (n_embd)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        q, k, v = qkv.split(self.n_embd, dim=2)
+        # split C into n_head heads of hs = C / n_head dims; heads become a batch dimension
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # attention scores, scaled by 1/sqrt(hs) so softmax starts diffuse ("Attention Is All
+        # You Need", section 3.2.1); a position may only attend to itself and earlier ones
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)  # 4x hidden, as in GPT-1/2
+        # GPT-2 used the tanh approximation of GELU; we keep it to match its weights exactly
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        # pre-LayerNorm (GPT-2 paper, section 2.3): the residual stream itself is never
+        # normalised, so gradients flow straight from the loss to the embeddings
+        x = x + self.attn(self.ln_1(x))  # tokens communicate
+        x = x + self.mlp(self.ln_2(x))  # each token computes on its own
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),  # GPT-2 adds a final LayerNorm after the blocks
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def forward(self, idx, targets=None):
+        # idx: (B, T) token ids; targets: (B, T) next-token ids, or None
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} > block size {self.config.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir):
+        """GPT-2 weights from the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from
+        a local directory written by GPT2LMHeadModel.save_pretrained (sizes read from its config)."""
+        from transformers import GPT2LMHeadModel
+        if not os.path.isdir(name_or_dir) and name_or_dir not in PRETRAINED:
+            raise ValueError(f"unknown model '{name_or_dir}': use one of {', '.join(PRETRAINED)} "
+                             "or a directory written by GPT2LMHeadModel.save_pretrained")
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except OSError as e:  # no network and nothing cached, or not a GPT-2 checkpoint
+            raise OSError(f"could not load '{name_or_dir}' with transformers ({str(e).splitlines()[0]}); "
+                          "connect to the internet once, or pass a local save_pretrained directory") from e
+        c = hf.config
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        model = GPT(config)
+        sd = model.state_dict()
+        sd_hf = hf.state_dict()
+        keys = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+        assert sorted(keys) == sorted(sd), "state-dict keys differ from GPT-2's"
+        # OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k in keys:
+                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                assert w.shape == sd[k].shape, f"{k}: {tuple(w.shape)} vs {tuple(sd[k].shape)}"
+                sd[k].copy_(w)
+        return model
+
+
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def pick_device(name):
+    """'auto' takes the fastest device present (cuda, then Apple's mps, then cpu)."""
+    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
+        sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
+    return name
+
+
+@torch.no_grad()
+def generate(model, idx, max_length, generator=None, top_k=50):
+    """Extend idx (B, T) to (B, max_length) by sampling one next token at a time."""
+    while idx.size(1) < max_length:
+        logits, _ = model(idx[:, -model.config.block_size:])  # (B, T, vocab_size)
+        logits = logits[:, -1, :]  # only the last position predicts the next token: (B, vocab)
+        probs = F.softmax(logits, dim=-1)
+        # top-k 50, the HF pipeline default: the long tail of unlikely tokens is never sampled
+        topk_probs, topk_ids = torch.topk(probs, top_k, dim=-1)  # (B, top_k)
+        ix = torch.multinomial(topk_probs, 1, generator=generator)  # (B, 1), index into top-k
+        next_id = torch.gather(topk_ids, -1, ix)  # (B, 1)
+        idx = torch.cat((idx, next_id), dim=1)
+    return idx
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Load GPT-2 weights and sample from them.")
+    parser.add_argument("--model", default="gpt2", help=f"{' | '.join(PRETRAINED)} or a local directory")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--num-return-sequences", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+
+    from transformers import GPT2LMHeadModel
+    device = pick_device(args.device)
+    print(f"using device: {device}")
+    try:
+        model = GPT.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    model.eval()
+    model.to(device)
+
+    enc = tiktoken.get_encoding("gpt2")
+    tokens = enc.encode("Hello, I'm a language model,")  # 8 tokens
+    x = torch.tensor(tokens, dtype=torch.long).unsqueeze(0).repeat(args.num_return_sequences, 1)
+    x = x.to(device)  # (5, 8)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    for row in generate(model, x, max_length=args.max_length, generator=g):
+        print(">", enc.decode(row.tolist()))
+
+    # our module with OpenAI's weights must compute what Hugging Face's does
+    hf = GPT2LMHeadModel.from_pretrained(args.model).to(device).eval()
+    with torch.no_grad():
+        diff = (model(x[:1])[0] - hf(x[:1]).logits).abs().max().item()
+    print(f"max |logits - GPT2LMHeadModel logits| on the prompt: {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Shared test helpers: import a numbered script, run it as a subprocess, make tiny models.
+
+Every test runs on CPU, offline, with a tiny model (2 layers, 2 heads, 32 dims) and data made
+in tmp_path. Helpers live here once; test files import them with `from conftest import ...`.
+"""
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken_cache"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)  # offline GPT-2 BPE files
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on hub retries in tests
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SCRIPTS = [
+    "0_gpt2_model", "1_gpt2_hf_eval", "2_train_overfit", "3_train_dataloader",
+    "4_train_init", "5_train_speedup", "6_train_hyperparams", "7_train_ddp_fineweb",
+]
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]  # the tiny model every CPU test uses
+STEP_LINE = re.compile(r"^step\s+(\d+) \| (.*)$")
+
+
+def existing(names):
+    """The numbered scripts among `names` that exist in this checkout (later stages land later)."""
+    return [n for n in names if (ROOT / f"{n}.py").exists()]
+
+
+def load(name):
+    """Import a numbered script (its name starts with a digit, so no plain `import`)."""
+    return importlib.import_module(name)
+
+
+def run_script(name, *args, env=None, timeout=600, cmd=None):
+    """Run `python NAME.py ARGS` (or `cmd + ARGS`) from the repo root; return the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    command = (cmd or [sys.executable, str(ROOT / f"{name}.py")]) + [str(a) for a in args]
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def parse_steps(stdout):
+    """The step lines of a run as dicts: {'step': n, 'loss': x, <name>: <value>, ...}."""
+    rows = []
+    for line in stdout.splitlines():
+        m = STEP_LINE.match(line.strip())
+        if not m:
+            continue
+        row = {"step": int(m.group(1))}
+        for field in m.group(2).split(" | "):
+            key, value = field.rsplit(" ", 1)
+            row[key] = float(value)
+        rows.append(row)
+    return rows
+
+
+def make_hf_model(n_layer=2, n_head=2, n_embd=32, n_positions=64, seed=0):
+    """A random small GPT2LMHeadModel whose biases and LayerNorms are non-zero too (so a
+    forgotten bias or a missed transpose shows up as a logit difference)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                        vocab_size=50257)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """Directory written by GPT2LMHeadModel.save_pretrained for a tiny random model."""
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    make_hf_model().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def enc():
+    import tiktoken
+    return tiktoken.get_encoding("gpt2")

@@ -1,0 +1,70 @@
+"""Every script runs end to end as a program; bad input gets one clear line, no traceback."""
+import pytest
+from conftest import ROOT, SCRIPTS, TINY, existing, parse_steps, run_script
+
+TRAIN = existing(SCRIPTS[2:7])  # the tiny-Shakespeare training scripts
+
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "error" in last, proc.stderr
+    for needle in needles:
+        assert needle in last, proc.stderr
+
+
+def test_stage0_runs():
+    proc = run_script("0_gpt2_model", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert "parameters: 3,274,688" in proc.stdout  # wte + lm_head 2 x 50257 x 32, wpe 1024 x 32, 2 x 12,704 per block, ln_f 64
+    assert "input (2, 8) -> logits (2, 8, 50257)" in proc.stdout
+    assert proc.stdout.count("> Hello, I'm a language model,") == 2
+
+
+def test_stage1_runs_on_local_dir(hf_dir):
+    proc = run_script("1_gpt2_hf_eval", "--model", hf_dir, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("> Hello, I'm a language model,") == 5
+    diff = float(proc.stdout.strip().splitlines()[-1].rsplit(" ", 1)[1])
+    assert diff < 1e-5
+
+
+@pytest.mark.parametrize("name", TRAIN)
+def test_training_script_runs(name):
+    proc = run_script(name, *TINY, "--steps", "3", "-B", "2", "-T", "16", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    rows = parse_steps(proc.stdout)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(9 < r["loss"] < 12 for r in rows)
+
+
+def test_hub_name_offline_is_one_line():
+    proc = run_script("1_gpt2_hf_eval", "--model", "gpt2", env={"HF_HUB_OFFLINE": "1"})
+    assert_clean_error(proc, "gpt2", "local save_pretrained directory")
+
+
+@pytest.mark.parametrize("name", TRAIN)
+def test_missing_input(name, tmp_path):
+    proc = run_script(name, *TINY, "--input", tmp_path / "nope.txt")
+    assert_clean_error(proc, "nope.txt", "not found")
+
+
+@pytest.mark.parametrize("name", TRAIN)
+def test_seq_len_beyond_block_size(name):
+    proc = run_script(name, *TINY, "-T", "2048", "--device", "cpu")
+    assert_clean_error(proc, "block size 1024")
+
+
+@pytest.mark.parametrize("name", existing(SCRIPTS[1:]))
+def test_unknown_device(name):
+    proc = run_script(name, "--device", "tpu")
+    assert_clean_error(proc, "--device", "tpu")
+
+
+@pytest.mark.parametrize("name", existing(SCRIPTS))
+def test_import_has_no_side_effects(name):
+    """Importing a stage defines things and runs nothing (DESIGN.md, contract 1)."""
+    code = f"import importlib; importlib.import_module('{name}')"
+    proc = run_script(name, cmd=["python", "-c", code])
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
