@@ -1,0 +1,600 @@
+"""Stage 7: the full run: DDP on FineWeb-Edu, with validation, HellaSwag, sampling, checkpoints.
+
+New in this stage (lecture 02:46-03:43, "distributed data parallel", "datasets used in GPT-2,
+GPT-3, FineWeb (EDU)", "validation data split, validation loss, sampling revive", "evaluation:
+HellaSwag, starting the run"):
+- DDP under torchrun (nccl on CUDA, gloo on CPU); plain `python 7_...` runs one process
+- DataLoaderLite reads fineweb.py's uint16 shards, memory-mapped; a step's micro-batches are
+  dealt round-robin to the ranks; train shards are visited in a seeded order, new each epoch
+- every --eval-every steps: val loss on the same --val-steps batches, HellaSwag acc_norm on all
+  ranks' share of the examples, samples from the model (all of it works with torch.compile on)
+- {log-dir}/log.txt (header: command, versions, device) and checkpoints model_{n:05d}.pt that
+  --resume continues from exactly
+- defaults: the lecture's 10B-token run (B=64, T=1024, 19,073 steps, warmup 715); small on CPU
+
+Run:   python fineweb.py                                          (~10B tokens into 100 shards)
+       torchrun --standalone --nproc_per_node=8 7_train_ddp_fineweb.py
+Diff:  diff 6_train_hyperparams.py 7_train_ddp_fineweb.py
+"""
+import argparse
+import glob
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from hellaswag import HellaSwagError, evaluate, iterate_examples
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length (GPT-2 paper, section 2.3)
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + 1 <|endoftext|>
+    n_layer: int = 12  # GPT-2 124M; medium/large/xl: 24/36/48
+    n_head: int = 12  # 12/16/20/25
+    n_embd: int = 768  # 768/1024/1280/1600
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        # query, key and value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        # output projection back into the residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.NANOGPT_SCALE_INIT = 1  # a residual projection: init scaled down in GPT
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def forward(self, x):
+        B, T, C = x.size()  # batch size, sequence length, embedding dim (n_embd)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        q, k, v = qkv.split(self.n_embd, dim=2)
+        # split C into n_head heads of hs = C / n_head dims; heads become a batch dimension
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # causal softmax(q k^T / sqrt(hs)) v in one fused kernel (flash attention, Dao et al. 2022,
+        # on GPUs): the (T, T) attention matrix never travels to and from GPU memory
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)  # 4x hidden, as in GPT-1/2
+        # GPT-2 used the tanh approximation of GELU; we keep it to match its weights exactly
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.NANOGPT_SCALE_INIT = 1  # a residual projection: init scaled down in GPT
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        # pre-LayerNorm (GPT-2 paper, section 2.3): the residual stream itself is never
+        # normalised, so gradients flow straight from the loss to the embeddings
+        x = x + self.attn(self.ln_1(x))  # tokens communicate
+        x = x + self.mlp(self.ln_2(x))  # each token computes on its own
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),  # GPT-2 adds a final LayerNorm after the blocks
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (GPT-2 does it, "Using the Output Embedding to Improve Language Models"):
+        # similar tokens should get similar embeddings and similar output logits
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02  # GPT-2's TF code; ~1/sqrt(768) = 0.036 would be Xavier's, same ballpark
+            if hasattr(module, "NANOGPT_SCALE_INIT"):
+                std *= (2 * self.config.n_layer) ** -0.5  # two residual additions per layer
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        # idx: (B, T) token ids; targets: (B, T) next-token ids, or None
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} > block size {self.config.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, master_process=True):
+        # decay the 2-D tensors (matmul weights, embeddings); biases and LayerNorm gains are
+        # few and shifting/scaling, so pulling them toward 0 only hurts (GPT-3: wd 0.1)
+        params = [p for p in self.parameters() if p.requires_grad]  # tied wte/lm_head: once
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        if master_process:
+            print(f"decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+            print(f"non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused: one kernel updates all parameters, instead of a loop of small kernels per tensor
+        use_fused = device_type == "cuda"
+        if master_process:
+            print(f"using fused AdamW: {use_fused}")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=use_fused)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir):
+        """GPT-2 weights from the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from
+        a local directory written by GPT2LMHeadModel.save_pretrained (sizes read from its config)."""
+        from transformers import GPT2LMHeadModel
+        if not os.path.isdir(name_or_dir) and name_or_dir not in PRETRAINED:
+            raise ValueError(f"unknown model '{name_or_dir}': use one of {', '.join(PRETRAINED)} "
+                             "or a directory written by GPT2LMHeadModel.save_pretrained")
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except OSError as e:  # no network and nothing cached, or not a GPT-2 checkpoint
+            raise OSError(f"could not load '{name_or_dir}' with transformers ({str(e).splitlines()[0]}); "
+                          "connect to the internet once, or pass a local save_pretrained directory") from e
+        c = hf.config
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        model = GPT(config)
+        sd = model.state_dict()
+        sd_hf = hf.state_dict()
+        keys = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+        assert sorted(keys) == sorted(sd), "state-dict keys differ from GPT-2's"
+        # OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k in keys:
+                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                assert w.shape == sd[k].shape, f"{k}: {tuple(w.shape)} vs {tuple(sd[k].shape)}"
+                sd[k].copy_(w)
+        return model
+
+
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # data, logs and outputs live beside the script
+
+
+def load_tokens(path):
+    """A shard's tokens, memory-mapped: the OS pages in what a batch reads, so a rank never
+    holds a whole 100M-token shard in memory (as int64 that would be 800 MB per rank)."""
+    tokens = np.load(path, mmap_mode="r")
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise ValueError(f"{path} holds {tokens.dtype} {tokens.shape}, not the 1-D uint16 tokens "
+                         "fineweb.py writes; re-create it with fineweb.py")
+    return tokens
+
+
+class DataLoaderLite:
+    """(B, T) batches from the edufineweb_{split}_*.npy shards, for rank `rank` of `world_size`.
+
+    A step's micro-batches are consecutive B*T slices dealt round-robin to the ranks (rank r
+    takes slices r, r+W, r+2W, ...). The position is the same on every rank, so all ranks leave
+    a shard after the same number of batches. Train shards are read in a seeded order that is
+    reshuffled each epoch (the same on every rank); val shards in order, from the start.
+    """
+
+    def __init__(self, data_dir, split, B, T, rank, world_size, seed=0):
+        self.B, self.T, self.rank, self.world_size, self.seed = B, T, rank, world_size, seed
+        self.shuffle = split == "train"
+        self.shards = sorted(glob.glob(os.path.join(data_dir, f"edufineweb_{split}_*.npy")))
+        if not self.shards:
+            raise ValueError(f"no {split} shards (edufineweb_{split}_*.npy) in {data_dir}; "
+                             "run `python fineweb.py` first, or pass --data-dir")
+        need = world_size * B * T + 1  # one round of W slices, plus the last target
+        if max(len(load_tokens(path)) for path in self.shards) < need:
+            raise ValueError(f"every {split} shard in {data_dir} is shorter than W*B*T+1 = {need} tokens")
+        self.reset()
+
+    def shard_order(self, epoch):
+        if not self.shuffle:
+            return list(range(len(self.shards)))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
+
+    def reset(self):
+        self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "shard": self.shard, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.shard, self.position = state["epoch"], state["shard"], state["position"]
+        self.order = self.shard_order(self.epoch)
+        self.tokens = load_tokens(self.shards[self.order[self.shard]])
+
+    def next_batch(self):
+        B, T, W = self.B, self.T, self.world_size
+        while self.position + W * B * T + 1 > len(self.tokens):  # no whole round left: next shard
+            self.position, self.shard = 0, self.shard + 1
+            if self.shard == len(self.shards):  # next epoch, in a new order
+                self.epoch, self.shard = self.epoch + 1, 0
+                self.order = self.shard_order(self.epoch)
+            self.tokens = load_tokens(self.shards[self.order[self.shard]])
+        start = self.position + self.rank * B * T
+        buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
+        x = buf[:-1].view(B, T)  # inputs (B, T)
+        y = buf[1:].view(B, T)  # targets (B, T): the token that follows each input position
+        self.position += W * B * T
+        return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+# peak dense bf16 / tf32 tensor-core TFLOP/s from NVIDIA's data sheets (SXM parts; H100 PCIe: 756)
+PEAK_TFLOPS = {"A100": (312.0, 156.0), "H100": (989.4, 494.7), "H200": (989.4, 494.7)}
+
+
+def synchronize(device_type):
+    """Wait for the queued GPU work: without it the clock stops before the GPU does."""
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_flops(device_type, dtype, override_tflops):
+    """The chip's peak FLOP/s for MFU: --peak-tflops, else looked up from the GPU's name."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for chip, (bf16, tf32) in PEAK_TFLOPS.items():
+            if chip in name:
+                peak = 756.0 if chip == "H100" and "PCIe" in name else bf16
+                return (peak if dtype == torch.bfloat16 else peak / 2) * 1e12
+    return None  # unknown chip, or a CPU: no mfu field
+
+
+def flops_per_token(model, T):
+    """6N for the weights' forward + backward matmuls, plus 12 L H Q T for attention (PaLM
+    paper, appendix B); N leaves out the position embeddings, which are a lookup, not a matmul."""
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+
+
+def get_lr(step, max_lr, warmup_steps, max_steps):
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to 10% of it at the last
+    step (max_steps - 1), constant after (GPT-3 paper, appendix B)."""
+    min_lr = max_lr * 0.1
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps  # step 0 already takes a small step
+    if step >= max_steps - 1:
+        return min_lr
+    decay_ratio = (step - warmup_steps + 1) / (max_steps - warmup_steps)  # 0 at the peak, 1 at the end
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
+
+
+def compile_unavailable(device_type):
+    """Why torch.compile cannot run here, or None: it needs Triton on a GPU, a C++ compiler on a CPU."""
+    if os.name == "nt" or device_type == "mps":
+        return f"torch.compile is not used on {'Windows' if os.name == 'nt' else 'mps'} here"
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "Triton is not installed"
+    return None if shutil.which("c++") or shutil.which("g++") else "no C++ compiler found"
+
+
+def pick_device(name):
+    """'auto' takes the fastest device present (cuda, then Apple's mps, then cpu)."""
+    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
+        sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
+    return name
+
+
+@torch.no_grad()
+def generate(model, idx, max_length, generator=None, top_k=50):
+    """Extend idx (B, T) to (B, max_length) by sampling one next token at a time."""
+    while idx.size(1) < max_length:
+        logits, _ = model(idx[:, -model.config.block_size:])  # (B, T, vocab_size)
+        logits = logits[:, -1, :50257]  # the last position, real tokens only (not the padding)
+        probs = F.softmax(logits, dim=-1)
+        # top-k 50, the HF pipeline default: the long tail of unlikely tokens is never sampled
+        topk_probs, topk_ids = torch.topk(probs, top_k, dim=-1)  # (B, top_k)
+        ix = torch.multinomial(topk_probs, 1, generator=generator)  # (B, 1), index into top-k
+        next_id = torch.gather(topk_ids, -1, ix)  # (B, 1)
+        idx = torch.cat((idx, next_id), dim=1)
+    return idx
+
+
+def all_reduce_mean(t, ddp, world_size):
+    """Average a tensor over the ranks (gloo has no ReduceOp.AVG: sum, then divide)."""
+    if ddp:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= world_size
+    return t
+
+
+def log_header(device, world_size):
+    """What a log needs to be read later: how it was run, with which libraries, on what."""
+    chip = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or device
+    return (f"# command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}\n"
+            f"# python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__}"
+            f" | tiktoken {tiktoken.__version__}\n# device: {world_size} x {device} ({chip})\n")
+
+
+def save_checkpoint(path, ckpt):
+    """torch.save to a temporary file, then rename: a crash mid-write never leaves a torn file."""
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train GPT-2 on FineWeb-Edu, on one GPU or many (torchrun).")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("-B", "--batch-size", type=int, default=None, help="64 (4 on CPU)")
+    parser.add_argument("-T", "--seq-len", type=int, default=None, help="1024 (128 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="19073: 10B tokens / 524288 (50 on CPU)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--n-layer", type=int, default=12)
+    parser.add_argument("--n-head", type=int, default=12)
+    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("--data-dir", default=os.path.join(HERE, "edu_fineweb10B"))
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="autocast dtype of the forward pass")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak for mfu")
+    parser.add_argument("--total-batch-size", type=int, default=None,
+                        help="tokens per optimisation step: 524288 (4*B*T*ranks on CPU)")
+    parser.add_argument("--max-lr", type=float, default=6e-4)  # GPT-3 125M, table 2.1
+    parser.add_argument("--warmup-steps", type=int, default=None, help="715: GPT-3's 375M tokens (10 on CPU)")
+    parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
+    parser.add_argument("--eval-every", type=int, default=None, help="250 (10 on CPU)")
+    parser.add_argument("--val-steps", type=int, default=None, help="20 (5 on CPU)")
+    parser.add_argument("--hellaswag-file", default=None, help="a local hellaswag_val.jsonl (default: download)")
+    parser.add_argument("--hellaswag-limit", type=int, default=None, help="examples per eval (0 = all; 40 on CPU)")
+    parser.add_argument("--checkpoint-every", type=int, default=5000)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --log-dir")
+    args = parser.parse_args(argv)
+    # 50304 = 393 * 128: many CUDA kernels work in blocks of 64 or 128 and take a slow path for
+    # the remainder; the 47 extra rows are never targets, so their logits are just pushed down
+    config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: one process per GPU; without it, one process
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        ddp_rank, ddp_local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        ddp_world_size = int(os.environ["WORLD_SIZE"])
+        if args.device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{ddp_local_rank}"
+            torch.cuda.set_device(device)
+        elif args.device in ("auto", "cpu"):
+            device = "cpu"
+        else:
+            sys.exit(f"error: DDP runs on cuda or cpu, not --device {args.device}")
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    else:
+        ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+        device = pick_device(args.device)
+    master_process = ddp_rank == 0  # rank 0 prints, logs, samples and saves checkpoints
+    print0 = print if master_process else lambda *a, **k: None
+    device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
+    # the lecture's full run (~10B tokens, hours on 8 GPUs); a CPU gets a smoke run instead
+    full = dict(batch_size=64, seq_len=1024, steps=19073, warmup_steps=715, eval_every=250, val_steps=20,
+                hellaswag_limit=0)
+    small = dict(batch_size=4, seq_len=128, steps=50, warmup_steps=10, eval_every=10, val_steps=5, hellaswag_limit=40)
+    unset = [k for k in full if getattr(args, k) is None]
+    for k in unset:
+        setattr(args, k, (full if device_type != "cpu" else small)[k])
+    if device_type == "cpu" and unset:
+        print0("cpu: small defaults " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in unset)
+               + " (the lecture's values are for GPUs)")
+    B, T = args.batch_size, args.seq_len
+    total_batch_size = args.total_batch_size or (524288 if device_type != "cpu" else 4 * B * T * ddp_world_size)
+    if total_batch_size < 1 or total_batch_size % (B * T * ddp_world_size) != 0:
+        sys.exit(f"error: --total-batch-size {total_batch_size} is not a positive multiple of "
+                 f"B*T*ranks = {B * T * ddp_world_size}; change it or -B/-T")
+    grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
+    print0(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps of B*T = {B * T:,}"
+           f" on each of {ddp_world_size} ranks")
+    if min(B, T, args.steps, args.eval_every, args.val_steps, args.checkpoint_every) < 1 or not 1 <= T <= config.block_size:
+        sys.exit(f"error: need B, steps, eval/val/checkpoint counts >= 1 and 1 <= T <= block size "
+                 f"{config.block_size} (got B={B}, T={T}, steps={args.steps})")
+    if args.n_embd % args.n_head != 0:
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
+    checkpoints = sorted(glob.glob(os.path.join(args.log_dir, "model_*.pt")))  # names sort by n
+    if args.resume and not checkpoints:
+        sys.exit(f"error: --resume: no model_*.pt checkpoint in {args.log_dir}; start without --resume")
+    if not args.resume and checkpoints:
+        sys.exit(f"error: {args.log_dir} holds checkpoints of an earlier run ({os.path.basename(checkpoints[-1])}); "
+                 "pass --resume to continue it, or choose another --log-dir")
+    if args.hellaswag_file and not os.path.isfile(args.hellaswag_file):
+        sys.exit(f"error: --hellaswag-file {args.hellaswag_file} not found")
+
+    print0(f"using device: {device}")
+    torch.manual_seed(args.seed)
+    try:
+        train_loader = DataLoaderLite(args.data_dir, "train", B, T, ddp_rank, ddp_world_size, seed=args.seed)
+        val_loader = DataLoaderLite(args.data_dir, "val", B, T, ddp_rank, ddp_world_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    # HellaSwag val: rank 0 downloads it (once) while the others wait; offline, train without it
+    hella = None
+    if ddp and not master_process:
+        dist.barrier()
+    try:
+        hella = list(iterate_examples("val", data_file=args.hellaswag_file))[:args.hellaswag_limit or None]
+    except HellaSwagError as e:
+        print0(f"HellaSwag is off for this run: {e}")
+    if ddp and master_process:
+        dist.barrier()
+
+    # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
+    # FLOP/s on an A100); activations and weights stay fp32 in memory
+    torch.set_float32_matmul_precision("high")
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    if dtype == torch.bfloat16 and (device_type == "mps" or device_type == "cuda" and not torch.cuda.is_bf16_supported()):
+        print0(f"{device_type}: no bf16 autocast here (pre-Ampere GPU or mps), running in float32")
+        dtype = torch.float32
+    use_compile = args.compile if args.compile is not None else device_type == "cuda"
+    if use_compile and compile_unavailable(device_type):
+        print0(f"not compiling: {compile_unavailable(device_type)}; running eager")
+        use_compile = False
+    print0(f"settings: {device_type} | autocast {'bf16' if dtype == torch.bfloat16 else 'off (float32)'}"
+           f" | compile {'on' if use_compile else 'off'} | tf32 matmuls | sdpa attention | vocab 50304")
+
+    model = GPT(config)
+    model.to(device)
+    ckpt = None
+    if args.resume:
+        ckpt = torch.load(checkpoints[-1], map_location=device, weights_only=True)  # plain types only
+        if ckpt["config"] != asdict(config):
+            sys.exit(f"error: {checkpoints[-1]} holds a model with {ckpt['config']}, this run builds "
+                     f"{asdict(config)}; pass the same --n-layer/--n-head/--n-embd")
+        model.load_state_dict(ckpt["model"])
+        train_loader.load_state_dict(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        print0(f"resuming from {checkpoints[-1]} after step {ckpt['step'] - 1}")
+    raw_model = model  # sampling's growing lengths would make a compiled model recompile
+    if use_compile:
+        model = torch.compile(model)  # fuses elementwise ops: fewer trips to GPU memory
+    if ddp:  # each backward all-reduces (averages) the gradients across ranks
+        model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+    flops_peak = peak_flops(device_type, dtype, args.peak_tflops)
+    flops_step = flops_per_token(raw_model, T) * total_batch_size
+    optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type=device_type,
+                                               master_process=master_process)
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    start_step = ckpt["step"] if ckpt else 0
+    val_loss = ckpt["val_loss"] if ckpt else None
+    log_file = os.path.join(args.log_dir, "log.txt")
+    if master_process:  # a fresh run starts a new log; --resume appends to it
+        os.makedirs(args.log_dir, exist_ok=True)
+        with open(log_file, "a" if args.resume else "w") as f:
+            f.write(log_header(device, ddp_world_size) + (f"# resumed at step {start_step}\n" if args.resume else ""))
+    enc = tiktoken.get_encoding("gpt2")
+    losses = []
+    for step in range(start_step, args.steps):
+        last_step = step == args.steps - 1
+        log_lines = []
+        if step % args.eval_every == 0 or last_step:
+            model.eval()
+            val_loader.reset()  # the same val batches every time
+            with torch.no_grad():
+                val_loss_accum = torch.zeros((), device=device)
+                for _ in range(args.val_steps):
+                    x, y = val_loader.next_batch()
+                    x, y = x.to(device), y.to(device)
+                    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                        logits, loss = model(x, y)
+                    val_loss_accum += loss.detach() / args.val_steps
+            val_loss = all_reduce_mean(val_loss_accum, ddp, ddp_world_size).item()
+            print0(f"validation loss: {val_loss:.4f}")
+            log_lines.append(f"{step} val {val_loss:.4f}")
+            if hella:  # each rank scores every W-th example; the counts are summed over ranks
+                with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    counts = evaluate(lambda idx: raw_model(idx)[0], hella[ddp_rank::ddp_world_size], 8, device)
+                counts = torch.tensor(counts, dtype=torch.long, device=device)  # (n, correct, correct_norm)
+                if ddp:
+                    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+                n, _, correct_norm = counts.tolist()
+                print0(f"HellaSwag accuracy: {correct_norm}/{n} = {correct_norm / n:.4f}")
+                log_lines.append(f"{step} hella {correct_norm / n:.4f}")
+            model.train()
+        if master_process and ((step > 0 and step % args.eval_every == 0) or last_step):
+            # what does it say so far? the uncompiled module, so growing lengths never recompile
+            prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device).unsqueeze(0)
+            g = torch.Generator(device=device).manual_seed(42)
+            for i, row in enumerate(generate(raw_model.eval(), prompt.repeat(4, 1), max_length=32, generator=g)):
+                print(f"sample {i}: {enc.decode(row.tolist())}")
+            raw_model.train()
+
+        t0 = time.time()  # evaluation above is not part of the step time
+        optimizer.zero_grad()
+        loss_accum = torch.zeros((), device=device)
+        for micro_step in range(grad_accum_steps):
+            x, y = train_loader.next_batch()
+            x, y = x.to(device), y.to(device)
+            if ddp:  # all-reduce the gradients only once, in the last micro-step's backward
+                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+            # bf16 has fp32's exponent range, so no gradient scaler is needed (unlike fp16);
+            # autocast runs matmuls in bf16 and keeps softmax, layernorm and the loss in fp32
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                logits, loss = model(x, y)
+            # backward() adds into .grad: dividing each micro-batch's mean loss by the count makes
+            # the sum the mean over all total_batch_size tokens, as one big batch would have it
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            loss.backward()
+        all_reduce_mean(loss_accum, ddp, ddp_world_size)  # the loss over all ranks' tokens
+        # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        optimizer.step()
+        synchronize(device_type)
+        dt = time.time() - t0
+        losses.append(loss_accum.item())  # .item() waits for the device and moves the loss to the CPU
+        line = f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f} | tok/s {total_batch_size / dt:.0f}"
+        if flops_peak:
+            line += f" | mfu {100 * flops_step / dt / (flops_peak * ddp_world_size):.2f}"
+        print0(line + f" | lr {lr:.4e} | norm {norm:.4f}")
+        if master_process:
+            with open(log_file, "a") as f:
+                f.write("".join(f"{entry}\n" for entry in log_lines + [f"{step} train {losses[-1]:.6f}"]))
+            if (step + 1) % args.checkpoint_every == 0 or last_step:  # the state after step + 1 steps
+                save_checkpoint(os.path.join(args.log_dir, f"model_{step + 1:05d}.pt"), {
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": asdict(raw_model.config), "step": step + 1, "val_loss": val_loss,
+                    "loader": train_loader.state_dict(), "rng": {"cpu": torch.get_rng_state()}})
+
+    if ddp:
+        dist.destroy_process_group()
+    return losses
+
+
+if __name__ == "__main__":
+    main()
