@@ -216,21 +216,23 @@ class DataLoaderLite:
     """(B, T) batches from the edufineweb_{split}_*.npy shards, for rank `rank` of `world_size`.
 
     A step's micro-batches are consecutive B*T slices dealt round-robin to the ranks (rank r
-    takes slices r, r+W, r+2W, ...). The position is the same on every rank, so all ranks leave
-    a shard after the same number of batches. Train shards are read in a seeded order that is
-    reshuffled each epoch (the same on every rank); val shards in order, from the start.
+    takes slices r, r+W, r+2W, ...), and a step never straddles two shards: the position is the
+    same on every rank, so all ranks leave a shard after the same number of batches, and W ranks
+    take exactly the slices one process takes with W x the micro-steps. Train shards are read in
+    a seeded order, reshuffled each epoch (the same on every rank); val shards in order.
     """
 
-    def __init__(self, data_dir, split, B, T, rank, world_size, seed=0):
+    def __init__(self, data_dir, split, B, T, rank, world_size, seed=0, step_tokens=None):
         self.B, self.T, self.rank, self.world_size, self.seed = B, T, rank, world_size, seed
+        self.step_tokens = step_tokens or world_size * B * T  # tokens all ranks take per step
         self.shuffle = split == "train"
         self.shards = sorted(glob.glob(os.path.join(data_dir, f"edufineweb_{split}_*.npy")))
         if not self.shards:
             raise ValueError(f"no {split} shards (edufineweb_{split}_*.npy) in {data_dir}; "
                              "run `python fineweb.py` first, or pass --data-dir")
-        need = world_size * B * T + 1  # one round of W slices, plus the last target
+        need = self.step_tokens + 1  # one step's slices, plus the last target
         if max(len(load_tokens(path)) for path in self.shards) < need:
-            raise ValueError(f"every {split} shard in {data_dir} is shorter than W*B*T+1 = {need} tokens")
+            raise ValueError(f"every {split} shard in {data_dir} is shorter than one step's {need} tokens")
         self.reset()
 
     def shard_order(self, epoch):
@@ -251,7 +253,8 @@ class DataLoaderLite:
 
     def next_batch(self):
         B, T, W = self.B, self.T, self.world_size
-        while self.position + W * B * T + 1 > len(self.tokens):  # no whole round left: next shard
+        # at a step's start, if the shard has no whole step left, go on to the next shard
+        while self.position % self.step_tokens == 0 and self.position + self.step_tokens + 1 > len(self.tokens):
             self.position, self.shard = 0, self.shard + 1
             if self.shard == len(self.shards):  # next epoch, in a new order
                 self.epoch, self.shard = self.epoch + 1, 0
@@ -455,7 +458,7 @@ def main(argv=None):
     print0(f"using device: {device}")
     torch.manual_seed(args.seed)
     try:
-        train_loader = DataLoaderLite(args.data_dir, "train", B, T, ddp_rank, ddp_world_size, seed=args.seed)
+        train_loader = DataLoaderLite(args.data_dir, "train", B, T, ddp_rank, ddp_world_size, args.seed, total_batch_size)
         val_loader = DataLoaderLite(args.data_dir, "val", B, T, ddp_rank, ddp_world_size)
     except ValueError as e:
         sys.exit(f"error: {e}")

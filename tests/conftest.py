@@ -89,3 +89,16 @@ def hf_dir(tmp_path_factory):
 def enc():
     import tiktoken
     return tiktoken.get_encoding("gpt2")
+
+
+def write_shards(data_dir, sizes, seed=0):
+    """Synthetic uint16 shards in fineweb.py's layout: shard 0 is val, the rest train; a
+    document starts every 97 tokens with <|endoftext|> (50256)."""
+    import numpy as np
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, size in enumerate(sizes):
+        tokens = rng.integers(0, 50256, size=size).astype(np.uint16)
+        tokens[::97] = 50256
+        np.save(data_dir / f"edufineweb_{'val' if i == 0 else 'train'}_{i:06d}.npy", tokens)
+    return data_dir

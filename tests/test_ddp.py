@@ -1,0 +1,176 @@
+"""Stage 7: shard loader, DDP equivalence, exact resume, checkpoints, log, bad input."""
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, load, parse_steps, run_script, write_shards
+
+NAME = "7_train_ddp_fineweb"
+TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
+# float32 and eager, so that 1 and 2 processes differ only in summation order
+RUN = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "256", "--dtype", "float32",
+              "--no-compile", "--eval-every", "1000", "--val-steps", "2"]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    return write_shards(tmp_path / "shards", [3001, 5003, 4099, 6007, 2999])
+
+
+def run7(*args, nproc=1, **kw):
+    cmd = TORCHRUN + [f"{NAME}.py"] if nproc == 2 else None
+    proc = run_script(NAME, *RUN, *args, cmd=cmd, **kw)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, parse_steps(proc.stdout)
+
+
+# ---------------------------------------------------------------------------- the shard loader
+
+
+def loader(shards, rank=0, world=1, B=2, T=32, seed=0, split="train", step_tokens=None):
+    return load(NAME).DataLoaderLite(str(shards), split, B, T, rank, world, seed, step_tokens)
+
+
+def test_shards_are_memory_mapped(shards):
+    tokens = load(NAME).load_tokens(str(shards / "edufineweb_train_000001.npy"))
+    assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16  # never a whole int64 copy
+
+
+def test_ranks_are_dealt_round_robin_slices_of_one_process(shards):
+    """W ranks cover exactly the slices that one process takes with W x the micro-steps."""
+    step_tokens = 4 * 2 * 32  # a step of 4 slices: 4 micro-steps on 1 rank, 2 on each of 2 ranks
+    single = loader(shards, world=1, step_tokens=step_tokens)
+    ranks = [loader(shards, rank=r, world=2, step_tokens=step_tokens) for r in range(2)]
+    for _ in range(150):  # several shards and an epoch boundary
+        for r in range(2):
+            x, y = ranks[r].next_batch()
+            x1, y1 = single.next_batch()
+            torch.testing.assert_close(x, x1)
+            torch.testing.assert_close(y, y1)
+            torch.testing.assert_close(x.flatten()[1:], y.flatten()[:-1])  # targets: shifted by 1
+    assert ranks[0].epoch == ranks[1].epoch == single.epoch >= 1
+
+
+def test_rank_balance_on_odd_sized_shards(shards):
+    """Every rank takes the same number of batches from each shard (the lecture's ranks drift)."""
+    W, B, T, accum = 3, 2, 16, 2
+    step_tokens = W * B * T * accum
+    ranks = [loader(shards, rank=r, world=W, B=B, T=T, step_tokens=step_tokens) for r in range(W)]
+    counts = [{}, {}, {}]
+    while ranks[0].epoch == 0 or ranks[0].position == 0:
+        for r in range(W):
+            ranks[r].next_batch()
+            key = (ranks[r].epoch, ranks[r].shards[ranks[r].order[ranks[r].shard]])
+            counts[r][key] = counts[r].get(key, 0) + 1
+    assert counts[0] == counts[1] == counts[2]
+    sizes = {str(p): len(np.load(p, mmap_mode="r")) for p in ranks[0].shards}  # 5003, 4099, 6007, 2999
+    assert {path: n for (epoch, path), n in counts[0].items() if epoch == 0} == {
+        path: (size - 1) // step_tokens * accum for path, size in sizes.items()}
+
+
+def test_shuffle_per_epoch(shards):
+    a0, a1 = loader(shards, rank=0, world=2, seed=5), loader(shards, rank=1, world=2, seed=5)
+    orders = [a0.shard_order(e) for e in range(6)]
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    assert len({tuple(o) for o in orders}) > 1  # the order changes between epochs
+    assert orders == [a1.shard_order(e) for e in range(6)]  # the same on every rank
+    assert orders == [loader(shards, seed=5).shard_order(e) for e in range(6)]  # repeatable
+    assert orders != [loader(shards, seed=6).shard_order(e) for e in range(6)]  # seeded
+    val = loader(shards, split="val")
+    assert val.shard_order(3) == [0]  # val is never shuffled
+
+
+# ---------------------------------------------------------------------------- training runs
+
+
+def test_ddp_two_processes_equal_one(shards, tmp_path):
+    """2 ranks x 2 micro-steps give the losses and gradient norms of 1 process x 4 micro-steps."""
+    _, one = run7("--data-dir", shards, "--log-dir", tmp_path / "one", "--steps", "4")
+    proc, two = run7("--data-dir", shards, "--log-dir", tmp_path / "two", "--steps", "4", nproc=2)
+    assert "2 micro-steps of B*T = 64 on each of 2 ranks" in proc.stdout
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["norm"] == pytest.approx(b["norm"], rel=1e-5)
+    assert proc.stdout.count("step     0 |") == 1  # only rank 0 prints
+
+
+def test_exact_resume(shards, tmp_path):
+    """N steps straight, vs N/2 then --resume from the N/2 checkpoint: identical second half."""
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    _, full = run7("--data-dir", shards, "--log-dir", full_dir, "--steps", "6", "--checkpoint-every", "3")
+    assert sorted(p.name for p in full_dir.glob("model_*.pt")) == ["model_00003.pt", "model_00006.pt"]
+    resumed_dir.mkdir()
+    (resumed_dir / "model_00003.pt").write_bytes((full_dir / "model_00003.pt").read_bytes())
+    (resumed_dir / "log.txt").write_text("# the first half's log\n")
+    _, second = run7("--data-dir", shards, "--log-dir", resumed_dir, "--steps", "6", "--resume")
+    assert [r["step"] for r in second] == [3, 4, 5]  # the first printed step is n
+    assert second == [{**r, "dt": s["dt"], "tok/s": s["tok/s"]} for r, s in zip(full[3:], second)]
+    log = (resumed_dir / "log.txt").read_text()
+    assert log.startswith("# the first half's log\n") and "# resumed at step 3" in log  # appended
+
+
+def test_checkpoint_contents(shards, tmp_path):
+    run7("--data-dir", shards, "--log-dir", tmp_path, "--steps", "2", nproc=2)
+    ckpt = torch.load(tmp_path / "model_00002.pt", weights_only=True)  # plain types only
+    assert ckpt["step"] == 2 and ckpt["config"] == {"block_size": 1024, "vocab_size": 50304, "n_layer": 2,
+                                                    "n_head": 2, "n_embd": 32}
+    assert isinstance(ckpt["val_loss"], float) and set(ckpt["loader"]) == {"epoch", "shard", "position"}
+    assert not [k for k in ckpt["model"] if k.startswith(("module.", "_orig_mod."))]
+    assert "state" in ckpt["optimizer"] and "cpu" in ckpt["rng"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_log_file(shards, tmp_path):
+    run7("--data-dir", shards, "--log-dir", tmp_path, "--steps", "3", "--eval-every", "2")
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    header = [l for l in lines if l.startswith("#")]
+    assert header[0].startswith("# command: ") and "torch " in header[1] and "device" in header[2]
+    body = [l.split() for l in lines if not l.startswith("#")]
+    assert [(int(s), kind) for s, kind, _ in body] == [(0, "val"), (0, "train"), (1, "train"), (2, "val"),
+                                                        (2, "train")]
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and all(n in last for n in needles), proc.stderr
+
+
+def test_no_shards(tmp_path):
+    proc = run_script(NAME, *RUN, "--data-dir", tmp_path, "--log-dir", tmp_path / "log")
+    assert_clean_error(proc, "no train shards", "fineweb.py")
+
+
+def test_shard_of_wrong_dtype(shards, tmp_path):
+    np.save(shards / "edufineweb_train_000009.npy", np.arange(5000, dtype=np.int32))
+    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path / "log")
+    assert_clean_error(proc, "edufineweb_train_000009.npy", "int32", "uint16")
+
+
+def test_total_batch_not_divisible_by_ranks(shards, tmp_path):
+    proc = run_script(NAME, *RUN, "--total-batch-size", "192", "--data-dir", shards, "--log-dir", tmp_path,
+                      cmd=TORCHRUN + [f"{NAME}.py"])
+    assert proc.returncode != 0
+    assert "not a positive multiple of B*T*ranks = 128" in proc.stderr
+
+
+def test_resume_without_checkpoint(shards, tmp_path):
+    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path, "--resume")
+    assert_clean_error(proc, "no model_*.pt checkpoint")
+
+
+def test_resume_with_other_model_size(shards, tmp_path):
+    run7("--data-dir", shards, "--log-dir", tmp_path, "--steps", "1")
+    proc = run_script(NAME, *RUN, "--n-embd", "64", "--data-dir", shards, "--log-dir", tmp_path, "--resume")
+    assert_clean_error(proc, "model_00001.pt", "--n-embd")
+
+
+def test_fresh_run_keeps_earlier_checkpoints(shards, tmp_path):
+    run7("--data-dir", shards, "--log-dir", tmp_path, "--steps", "1")
+    before = (tmp_path / "log.txt").read_text()
+    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path, "--steps", "1")
+    assert_clean_error(proc, "--resume")
+    assert (tmp_path / "log.txt").read_text() == before  # nothing overwritten
