@@ -333,11 +333,14 @@ def main(argv=None):
     config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     device = pick_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
-    # the lecture's B=16, T=1024 takes minutes per step on a CPU
-    B = args.batch_size if args.batch_size is not None else 16 if device_type != "cpu" else 4
-    T = args.seq_len if args.seq_len is not None else 1024 if device_type != "cpu" else 128
-    if device_type == "cpu" and None in (args.batch_size, args.seq_len):
-        print(f"cpu: using B={B}, T={T} (the lecture's B=16, T=1024 is for a GPU); set -B/-T to change")
+    # the lecture's values are for a GPU (B=16, T=1024: minutes per step on a CPU); flags override
+    full, small = dict(batch_size=16, seq_len=1024), dict(batch_size=4, seq_len=128)
+    unset = [k for k in full if getattr(args, k) is None]
+    for k in unset:
+        setattr(args, k, (full if device_type != "cpu" else small)[k])
+    if device_type == "cpu" and unset:
+        print("cpu: small defaults " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in unset))
+    B, T = args.batch_size, args.seq_len
     total_batch_size = args.total_batch_size or (524288 if device_type != "cpu" else 4 * B * T)
     if device_type == "cpu" and args.total_batch_size is None:
         print(f"cpu: using --total-batch-size {total_batch_size} (the lecture's 524288 is for a GPU)")

@@ -3,11 +3,19 @@ import math
 
 import pytest
 import torch
-from conftest import SCRIPTS, TINY, existing, load
+from conftest import SCRIPTS, TINY, existing, load, write_shards
 
 FAST = existing(SCRIPTS[5:])  # stages with SDPA, autocast, compile and vocab 50304
 RECIPE = existing(SCRIPTS[6:])  # stages with the GPT-3 recipe
 CPU = TINY + ["--device", "cpu", "-B", "2", "-T", "16"]
+
+
+def data_args(name, tmp_path):
+    """Stages 5-6 train on input.txt; stage 7 needs shards, a log dir, and few evaluations."""
+    if name != "7_train_ddp_fineweb":
+        return []
+    shards = write_shards(tmp_path / "shards", [2000, 5000])
+    return ["--data-dir", str(shards), "--log-dir", str(tmp_path / "log"), "--eval-every", "1000", "--val-steps", "1"]
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -25,7 +33,7 @@ def test_sdpa_equals_masked_softmax_attention(name):
         torch.testing.assert_close(sdpa(x), reference(x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", existing(SCRIPTS[5:7]))  # stage 7's float32 path: test_ddp.py
 def test_float32_path_is_plain_fp32_and_bf16_autocast_is_really_on(name):
     m = load(name)
     one_batch = ["--total-batch-size", "32"] if name in RECIPE else []  # loss of one B*T batch
@@ -57,8 +65,9 @@ def test_torch_compile_on_cpu_matches_eager():
 
 @pytest.mark.parametrize("name", FAST)
 def test_padded_vocab_rows_are_never_targets_and_never_sampled(name, enc):
+    from conftest import ROOT
     m = load(name)
-    tokens = m.load_tokens(m.os.path.join(m.HERE, "input.txt"))
+    tokens = torch.tensor(enc.encode((ROOT / "input.txt").read_text(encoding="utf-8")))
     assert tokens.max().item() < 50257 == enc.n_vocab  # the 47 padding ids are never targets
     torch.manual_seed(0)
     model = m.GPT(m.GPTConfig(vocab_size=50304, block_size=64, n_layer=2, n_head=2, n_embd=32))
@@ -84,14 +93,14 @@ def test_padded_vocab_rows_are_never_targets_and_never_sampled(name, enc):
 
 
 @pytest.mark.parametrize("name", FAST)
-def test_step_line_fields(name):
+def test_step_line_fields(name, tmp_path):
     """Stage 5 appends dt (ms) and tok/s; stage 6 appends lr and norm after them."""
     import io
     from contextlib import redirect_stdout
     from conftest import parse_steps
     out = io.StringIO()
     with redirect_stdout(out):
-        load(name).main(CPU + ["--steps", "2", "--no-compile"])
+        load(name).main(CPU + data_args(name, tmp_path) + ["--steps", "2", "--no-compile"])
     rows = parse_steps(out.getvalue())
     expected = ["step", "loss", "dt", "tok/s"] + (["lr", "norm"] if name in RECIPE else [])
     assert [list(r) for r in rows] == [expected] * 2  # no mfu on a CPU
@@ -133,7 +142,7 @@ def test_weight_decay_groups_124m(name, capsys):
 
 
 @pytest.mark.parametrize("name", RECIPE)
-def test_gradient_accumulation_equals_one_big_batch(name):
+def test_gradient_accumulation_equals_one_big_batch(name, tmp_path):
     """4 micro-steps of B=2 give the losses and gradient norms of 1 step of B=8 (float32)."""
     m = load(name)
     common = TINY + ["--device", "cpu", "-T", "16", "--total-batch-size", "128", "--steps", "3",
@@ -145,10 +154,10 @@ def test_gradient_accumulation_equals_one_big_batch(name):
     for B in ("2", "8"):
         out = io.StringIO()
         with redirect_stdout(out):
-            m.main(common + ["-B", B])
+            m.main(common + data_args(name, tmp_path / B) + ["-B", B])
         runs.append(parse_steps(out.getvalue()))
     small, big = runs
-    assert "1 micro-steps" in out.getvalue()  # the B=8 run: one batch of 128 tokens
+    assert "= 1 micro-steps" in out.getvalue()  # the B=8 run: one batch of 128 tokens
     for a, b in zip(small, big):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["norm"] == pytest.approx(b["norm"], rel=1e-5)  # same gradients, same norm
@@ -156,8 +165,9 @@ def test_gradient_accumulation_equals_one_big_batch(name):
 
 
 @pytest.mark.parametrize("name", RECIPE)
-def test_total_batch_must_divide(name):
+def test_total_batch_must_divide(name, tmp_path):
     from conftest import run_script
-    proc = run_script(name, *CPU, "--total-batch-size", "100")
+    proc = run_script(name, *CPU, *data_args(name, tmp_path), "--total-batch-size", "100")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "not a positive multiple of B*T = 32" in proc.stderr.strip().splitlines()[-1]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--total-batch-size 100 is not a positive multiple of B*T" in last and "= 32;" in last

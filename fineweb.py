@@ -1,0 +1,266 @@
+"""FineWeb-Edu sample-10BT -> GPT-2 tokens in uint16 shards (the data of 7_train_ddp_fineweb.py).
+
+Each document becomes [<|endoftext|>] + its GPT-2 BPE tokens, and the documents are laid end
+to end and cut into shards of exactly --shard-size tokens (default 100M): a document that
+does not fit fills the shard and its remainder starts the next one. Shard 0 is the `val`
+split, the rest `train`, each written with np.save as edufineweb_{split}_{index:06d}.npy.
+Same documents and shard size give the very bytes the lecture's fineweb.py writes.
+
+Beyond the lecture's script:
+  - the Pool lives under `if __name__ == "__main__"`: where workers are spawned (macOS,
+    Windows) each one imports this file, and a Pool made at import time crashes them
+  - --data-files tokenises local json/jsonl/parquet/txt files instead (offline, tests)
+  - a shard is written to a temporary file and renamed, so a shard on disk is complete, and
+    fineweb_manifest.json records where each shard ended in the documents: an interrupted
+    run, started again, goes on after its last complete shard with the same bytes
+
+Run:
+    python fineweb.py                     # download (tens of GB) + ~100 shards, ~10B tokens
+    python fineweb.py --streaming         # same shards, reading the parquet files as it goes
+    python fineweb.py --data-files my.jsonl --shard-size 1000000 --out-dir /tmp/shards
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+from functools import lru_cache
+from itertools import islice, takewhile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+HUB_PATH, HUB_NAME = "HuggingFaceFW/fineweb-edu", "sample-10BT"  # ~10B GPT-2 tokens
+EOT = 50256  # <|endoftext|>, GPT-2's one special token: it opens every document
+EXTENSIONS = (".json", ".jsonl", ".parquet", ".txt")
+# Neither name holds "train" or "val", so a loader that picks shards by those words skips them.
+MANIFEST, TMP = "fineweb_manifest.json", ".writing.tmp"
+
+
+class InputError(Exception):
+    """Bad arguments, input or out-dir state: reported as one line, without a traceback."""
+
+
+@lru_cache(maxsize=None)
+def encoder():
+    import tiktoken  # loaded on first use, once per process: importing fineweb.py stays free
+    return tiktoken.get_encoding("gpt2")
+
+
+def tokenize(text):
+    """One document -> uint16 array [EOT, tokens...]. encode_ordinary: a literal
+    "<|endoftext|>" inside web text is plain text, not a document boundary."""
+    tokens = np.array([EOT] + encoder().encode_ordinary(text))
+    assert (tokens < 2**16).all(), "GPT-2 ids (< 50257) must fit in uint16"
+    return tokens.astype(np.uint16)
+
+
+def ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process alone stops the run
+
+
+def tokenized(texts, workers, stop):
+    """tokenize() over `texts`, results in document order, spread over `workers` processes.
+    Setting the threading.Event `stop` ends the input early; the documents already sent out
+    still come back, so the pool winds down idle (terminating a Pool that imap is still
+    feeding can hang)."""
+    texts = takewhile(lambda _: not stop.is_set(), texts)
+    if workers == 1:
+        yield from map(tokenize, texts)
+        return
+    with mp.Pool(workers, initializer=ignore_sigint) as pool:
+        # chunksize 16: documents travel to the workers in batches, so pickling overhead stays small
+        yield from pool.imap(tokenize, texts, chunksize=16)
+
+
+def file_texts(path, text_field):
+    """The documents of one local file: a whole .txt, or the `text_field` of each record."""
+    if path.suffix == ".txt":
+        yield path.read_bytes().decode("utf-8")  # as is: read_text() would turn \r\n into \n
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # comes with `datasets`
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise InputError(f"{path}: no column {text_field!r}")
+        for batch in pf.iter_batches(columns=[text_field]):  # a batch at a time, not the whole file
+            yield from batch.column(0).to_pylist()
+    else:  # .json / .jsonl: one record per line, or (.json) one array of records
+        with open(path, encoding="utf-8") as f:
+            is_array = f.read(100).lstrip().startswith("[")
+            f.seek(0)
+            records = json.load(f) if is_array else (json.loads(line) for line in f if line.strip())
+            for record in records:
+                yield record.get(text_field) if isinstance(record, dict) else None
+
+
+def local_texts(paths, text_field):
+    for path in paths:
+        for i, text in enumerate(file_texts(path, text_field)):
+            if not isinstance(text, str):
+                raise InputError(f"{path}: record {i} has no string field {text_field!r}")
+            yield text
+
+
+def hub_texts(streaming, text_field, skip):
+    from datasets import load_dataset  # a heavy import, paid only when the hub is used
+    try:
+        ds = load_dataset(HUB_PATH, name=HUB_NAME, split="train", streaming=streaming)
+    except ConnectionError as e:  # what `datasets` raises offline
+        raise InputError(f"could not reach the Hugging Face hub for {HUB_PATH} ({e}); "
+                         "offline, tokenise local files with --data-files FILE ...") from None
+    return (doc[text_field] for doc in ds.skip(skip))
+
+
+def write_atomic(path, write):
+    """write(f) into a temporary file beside `path`, then rename: readers never see half a file."""
+    tmp = path.parent / TMP
+    with open(tmp, "wb") as f:  # a file handle: np.save("x.tmp") would write "x.tmp.npy"
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_manifest(out_dir, config, overwrite):
+    """The manifest to continue from: an earlier run's with the same config, or a fresh one.
+    {"source": ..., "shard_size": N, "done": bool, "shards": [{"file", "tokens", "next_doc",
+    "offset"}, ...]}: after each shard, the next one starts in document `next_doc`, of which
+    `offset` tokens are already written (0 when the shard ended on a document boundary)."""
+    path, fresh = out_dir / MANIFEST, dict(config, shards=[], done=False)
+    if overwrite:
+        return fresh
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        if {k: manifest.get(k) for k in config} != config:
+            raise InputError(f"{out_dir} holds shards of another --shard-size or source; "
+                             "pass another --out-dir, or --overwrite to start again")
+        # A shard on disk is complete (atomic writes); keep the listed shards up to a missing one.
+        shards, kept = manifest["shards"], 0
+        while kept < len(shards) and (out_dir / shards[kept]["file"]).exists():
+            kept += 1
+        if kept < len(shards):
+            manifest["shards"], manifest["done"] = shards[:kept], False
+        return manifest
+    if any(out_dir.glob("edufineweb_*.npy")):
+        raise InputError(f"{out_dir} holds shards but no {MANIFEST}; "
+                         "pass another --out-dir, or --overwrite to start again")
+    return fresh
+
+
+def run(args):
+    if args.shard_size < 1 or args.workers < 1:
+        raise InputError("--shard-size and --workers must be at least 1")
+    out_dir = Path(args.out_dir).resolve()
+    if args.data_files:
+        paths = [Path(p).resolve() for p in args.data_files]
+        for p in paths:
+            if not p.is_file():
+                raise InputError(f"no such file: {p}")
+            if p.suffix not in EXTENSIONS:
+                raise InputError(f"{p}: unsupported file type (use {' '.join(EXTENSIONS)})")
+        # sizes too: a file edited since the interrupted run must not be resumed into
+        source = {"data_files": [[str(p), p.stat().st_size] for p in paths]}
+    else:
+        source = {"dataset": f"{HUB_PATH}/{HUB_NAME}"}
+    source["text_field"] = args.text_field
+    config = {"source": source, "shard_size": args.shard_size}
+    manifest = load_manifest(out_dir, config, args.overwrite)
+    shards = manifest["shards"]
+    if manifest["done"] or (args.max_shards is not None and len(shards) >= args.max_shards):
+        print(f"{out_dir}: {len(shards)} shards already written, nothing to do")
+        return
+
+    # Where the next shard starts: document `start`, minus the `offset` tokens that went to the
+    # shard before it. A resumed run skips the documents before it without tokenising them.
+    start, offset = (shards[-1]["next_doc"], shards[-1]["offset"]) if shards else (0, 0)
+    if args.data_files:
+        texts = islice(local_texts(paths, args.text_field), start, None)
+    else:
+        texts = hub_texts(args.streaming, args.text_field, start)
+    try:  # here, once, so that a missing BPE file is one clear line, not a traceback per worker
+        encoder()  # (forked workers inherit it; spawned ones read tiktoken's cache it just filled)
+    except OSError as e:
+        raise InputError(f"could not load the GPT-2 BPE files ({type(e).__name__}); offline, point "
+                         "TIKTOKEN_CACHE_DIR at a folder that holds them") from None
+    if shards:
+        print(f"resuming after shard {len(shards) - 1}: document {start}, token {offset}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        for f in out_dir.glob("edufineweb_*.npy"):
+            f.unlink()
+
+    def save_manifest():
+        write_atomic(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+    def save_shard(tokens, next_doc, next_offset):
+        split = "val" if not shards else "train"  # the first shard is held out for validation
+        name = f"edufineweb_{split}_{len(shards):06d}.npy"
+        write_atomic(out_dir / name, lambda f: np.save(f, tokens))
+        shards.append({"file": name, "tokens": len(tokens), "next_doc": next_doc,
+                       "offset": next_offset})
+        save_manifest()
+
+    save_manifest()  # from now on a restart knows the config, even before shard 0 is complete
+    shard_size = args.shard_size
+    buf, fill = np.empty(shard_size, dtype=np.uint16), 0  # the shard being filled
+    stop = threading.Event()
+    docs = tokenized(texts, args.workers, stop)
+    with tqdm(total=shard_size, unit="tok", desc=f"shard {len(shards)}") as bar:
+        for doc, tokens in enumerate(docs, start=start):
+            pos = offset if doc == start else 0
+            while pos < len(tokens):  # a long document may fill several shards
+                n = min(shard_size - fill, len(tokens) - pos)
+                buf[fill:fill + n] = tokens[pos:pos + n]
+                fill, pos = fill + n, pos + n
+                bar.update(n)
+                if fill < shard_size:
+                    continue
+                # full: the next shard starts after this document, or inside it if tokens are left
+                save_shard(buf, *((doc, pos) if pos < len(tokens) else (doc + 1, 0)))
+                fill = 0
+                if len(shards) == args.max_shards:
+                    stop.set()
+                    for _ in docs:  # take back what the workers already have
+                        pass
+                    print(f"stopped after {len(shards)} shards (--max-shards); run again to go on")
+                    return
+                bar.reset()
+                bar.set_description(f"shard {len(shards)}")
+    if fill:  # the last shard holds what is left (the lecture skips it only when empty)
+        save_shard(buf[:fill], doc + 1, 0)
+    manifest["done"] = True
+    save_manifest()
+    print(f"{len(shards)} shards, {sum(s['tokens'] for s in shards):,} tokens in {out_dir}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", default=Path(__file__).resolve().parent / "edu_fineweb10B",
+                        help="default: edu_fineweb10B next to this file")
+    parser.add_argument("--shard-size", type=int, default=10**8, help="tokens per shard (100M)")
+    parser.add_argument("--data-files", nargs="+", metavar="PATH",
+                        help="local .json/.jsonl/.parquet/.txt files instead of the hub "
+                             "(a .txt file is one document)")
+    parser.add_argument("--text-field", default="text", help="field holding a record's text")
+    parser.add_argument("--streaming", action="store_true",
+                        help="hub: read the parquet files as it goes instead of downloading first")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="tokenising processes (default: all cores)")
+    parser.add_argument("--max-shards", type=int, help="stop once this many shards exist")
+    parser.add_argument("--overwrite", action="store_true", help="discard the shards in --out-dir")
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except InputError as e:
+        sys.exit(f"fineweb.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("fineweb.py: interrupted; run the same command again to go on after the last "
+                 "complete shard")
+
+
+if __name__ == "__main__":
+    main()
