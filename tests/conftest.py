@@ -4,12 +4,15 @@ Every test runs on CPU, offline, with a tiny model (2 layers, 2 heads, 32 dims) 
 in tmp_path. Helpers live here once; test files import them with `from conftest import ...`.
 """
 import importlib
+import json
 import os
+import random
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,7 +97,6 @@ def enc():
 def write_shards(data_dir, sizes, seed=0):
     """Synthetic uint16 shards in fineweb.py's layout: shard 0 is val, the rest train; a
     document starts every 97 tokens with <|endoftext|> (50256)."""
-    import numpy as np
     data_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i, size in enumerate(sizes):
@@ -102,3 +104,35 @@ def write_shards(data_dir, sizes, seed=0):
         tokens[::97] = 50256
         np.save(data_dir / f"edufineweb_{'val' if i == 0 else 'train'}_{i:06d}.npy", tokens)
     return data_dir
+
+
+# ---------------------------------------------------------------------------- HellaSwag-format data
+
+WORDS = ("the man woman dog ball kitchen slowly quickly picks up puts down runs jumps over "
+         "a an small red green bowl of water knife cuts bread then he she they smiles").split()
+
+
+def phrase(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize()
+
+
+def make_examples(n=12, seed=0):
+    """n examples in the official jsonl format, with context and ending lengths that vary so
+    that rows of one example, and examples of one batch, need different amounts of padding."""
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        ctx_a, ctx_b = phrase(rng, rng.randint(3, 14)) + ".", phrase(rng, rng.randint(0, 4)).lower()
+        examples.append({
+            "ind": i, "activity_label": "Making a sandwich", "ctx_a": ctx_a, "ctx_b": ctx_b,
+            "ctx": f"{ctx_a} {ctx_b}" if ctx_b else ctx_a, "split": "val",
+            "split_type": "indomain" if i % 2 else "zeroshot", "source_id": f"synthetic~{i}",
+            "endings": [phrase(rng, rng.randint(1, 12)).lower() + "." for _ in range(4)],
+            "label": rng.randrange(4),
+        })
+    return examples
+
+
+def write_jsonl(path, examples):
+    path.write_text("".join(json.dumps(ex) + "\n" for ex in examples))
+    return path

@@ -1,6 +1,6 @@
 """Every script runs end to end as a program; bad input gets one clear line, no traceback."""
 import pytest
-from conftest import ROOT, SCRIPTS, TINY, existing, parse_steps, run_script
+from conftest import SCRIPTS, TINY, existing, parse_steps, run_script
 
 TRAIN = existing(SCRIPTS[2:7])  # the tiny-Shakespeare training scripts
 

@@ -1,0 +1,222 @@
+"""HellaSwag: download the dataset and evaluate a model on it in completion style.
+
+Each example is a context and 4 candidate endings (https://github.com/rowanz/hellaswag). GPT-2
+cannot see all four at once the way a multiple-choice prompt would, so we score completions:
+the model reads context + ending for each of the 4 endings, and the ending whose tokens get
+the lowest cross-entropy wins. `acc` takes the lowest summed loss, `acc_norm` the lowest
+average (per-token) loss, which does not penalise long endings for being long.
+
+    python hellaswag.py -m gpt2 -d cuda            # HF hub name or a save_pretrained directory
+    python hellaswag.py -m gpt2 --data-file hellaswag_val.jsonl --limit 500
+
+Expected figures (the lecture's, from its hellaswag.py; not measured here, this workplace is
+offline), on all 10,042 validation examples:
+    gpt2 (124M):   acc 0.2859  acc_norm 0.2955
+    gpt2-xl (1558M):           acc_norm 0.4893
+7_train_ddp_fineweb.py imports render_example, iterate_examples, get_most_likely_row (and can
+use evaluate) from here, so importing this file downloads nothing and loads no tokenizer.
+"""
+import argparse
+import functools
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import requests
+import tiktoken
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / "hellaswag"
+
+
+class HellaSwagError(RuntimeError):
+    """Data could not be fetched; the message names the URL and says what to do instead."""
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoder():
+    return tiktoken.get_encoding("gpt2")  # loaded on first use, not at import
+
+
+# ----------------------------------------------------------------------------- data
+
+def download(split, cache_dir=None):
+    """Path of hellaswag_{split}.jsonl in cache_dir, downloading it first if it is missing."""
+    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
+    path = cache_dir / f"hellaswag_{split}.jsonl"
+    if path.exists():
+        return path
+    url = URL.format(split=split)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")  # renamed into place only once complete
+    try:
+        with requests.get(url, stream=True, timeout=30) as resp:
+            resp.raise_for_status()
+            total = int(resp.headers.get("content-length", 0)) or None
+            with open(tmp, "wb") as f, tqdm(total=total, unit="iB", unit_scale=True,
+                                            desc=path.name) as bar:
+                for chunk in resp.iter_content(chunk_size=1 << 16):
+                    bar.update(f.write(chunk))
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+    except requests.RequestException as e:
+        raise HellaSwagError(f"could not download HellaSwag {split} from {url} "
+                             f"({type(e).__name__}); pass --data-file PATH to read a local copy"
+                             ) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def iterate_examples(split="val", data_file=None, cache_dir=None):
+    """Yield the examples (dicts with ctx, endings, label, ...) of a local jsonl or a split."""
+    path = Path(data_file) if data_file else download(split, cache_dir)
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def render_example(example, enc=None):
+    """Tokenise one example into its 4 candidate rows.
+
+    Returns (data, tokens, mask, label): tokens (4, L) int64, context + ending per row, right-
+    padded with 0 to the longest row; mask (4, L) is 1 exactly on the ending tokens (the only
+    ones scored); label is the index of the correct ending.
+    """
+    enc = enc or gpt2_encoder()
+    ctx_tokens = enc.encode(example["ctx"])
+    # " " + ending: the ending follows the context after a space, and GPT-2's BPE folds that
+    # space into the ending's first token (" cat" is one token, "cat" another)
+    ending_tokens = [enc.encode(" " + end) for end in example["endings"]]
+    rows = [ctx_tokens + end for end in ending_tokens]
+    L = max(len(r) for r in rows)
+    tokens = torch.zeros((len(rows), L), dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, len(ctx_tokens):len(row)] = 1
+    label = int(example["label"])
+    data = {"label": label, "ctx_tokens": ctx_tokens, "ending_tokens": ending_tokens}
+    return data, tokens, mask, label
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def row_losses(tokens, mask, logits):
+    """Summed and mean cross-entropy over each row's masked (ending) tokens: two (R,) tensors.
+
+    tokens, mask (R, L); logits (R, L, V). The logits at position t predict token t+1, so
+    positions 0..L-2 are scored against tokens 1..L-1 and the mask shifts with the targets.
+    Only the ending positions are scored at all (the context and the padding never count), in
+    float32 whatever the logits' dtype: bf16 losses would turn near-ties into coin flips.
+    """
+    scored = mask[:, 1:].bool()                                # (R, L-1): position t -> token t+1
+    # (N, V) -> (N,) for the N scored positions only: a fraction of the (R, L-1, V) logits
+    picked = F.cross_entropy(logits[:, :-1][scored].float(), tokens[:, 1:][scored],
+                             reduction="none")
+    losses = torch.zeros(scored.shape, device=picked.device)              # (R, L-1)
+    losses[scored] = picked
+    sum_loss = losses.sum(dim=1)                                         # (R,)
+    return sum_loss, sum_loss / scored.sum(dim=1)
+
+
+def score_rows(tokens, mask, logits):
+    """(pred, pred_norm) of one example: the row with the lowest summed loss (acc) and the row
+    with the lowest average loss (acc_norm). Ties go to the lower index."""
+    sum_loss, mean_loss = row_losses(tokens, mask, logits)
+    return sum_loss.argmin().item(), mean_loss.argmin().item()
+
+
+def get_most_likely_row(tokens, mask, logits):
+    """The row acc_norm picks: the lowest average loss over the ending tokens."""
+    return score_rows(tokens, mask, logits)[1]
+
+
+@torch.no_grad()
+def predictions(model_fn, examples, batch_size=1, device="cpu", enc=None):
+    """Yield (label, pred, pred_norm) per example, scoring batch_size examples per forward pass.
+
+    model_fn maps tokens (B, T) to logits (B, T, V), e.g. `lambda idx: model(idx)[0]` for our
+    GPT or `lambda idx: model(idx).logits` for Hugging Face's. The 4 rows of each example are
+    stacked with the other examples' rows and right-padded to the longest: attention is causal,
+    so padding after a row's end cannot change the logits of its real tokens, and it is masked
+    out of the loss. The predictions thus equal the one-example-at-a-time loop's.
+    """
+    examples = iter(examples)
+    while batch := list(itertools.islice(examples, batch_size)):
+        rendered = [render_example(ex, enc) for ex in batch]
+        T = max(tokens.size(1) for _, tokens, _, _ in rendered)
+        # (4 * len(batch), T): every example's 4 rows, each right-padded with 0 to T
+        tokens = torch.cat([F.pad(t, (0, T - t.size(1))) for _, t, _, _ in rendered])
+        mask = torch.cat([F.pad(m, (0, T - m.size(1))) for _, _, m, _ in rendered])
+        logits = model_fn(tokens.to(device))                             # (4 * len(batch), T, V)
+        sum_loss, mean_loss = row_losses(tokens.to(logits.device), mask.to(logits.device), logits)
+        preds = sum_loss.view(-1, 4).argmin(dim=1).tolist()              # len(batch) ints
+        preds_norm = mean_loss.view(-1, 4).argmin(dim=1).tolist()
+        yield from zip([label for *_, label in rendered], preds, preds_norm)
+
+
+def evaluate(model_fn, examples, batch_size=1, device="cpu", enc=None, log_every=0):
+    """Counts (n, correct, correct_norm) over examples; acc = correct / n, acc_norm likewise.
+    Under DDP each rank can take its share, `itertools.islice(examples, rank, None, world)`,
+    and the ranks' counts be summed."""
+    n = correct = correct_norm = 0
+    for label, pred, pred_norm in predictions(model_fn, examples, batch_size, device, enc):
+        n += 1
+        correct += pred == label
+        correct_norm += pred_norm == label
+        if log_every and n % log_every == 0:
+            print(f"{n:6d} examples | acc {correct / n:.4f} | acc_norm {correct_norm / n:.4f}")
+    return n, correct, correct_norm
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-m", "--model", default="gpt2",
+                        help="HF hub name (gpt2, gpt2-xl, ...) or a save_pretrained directory")
+    parser.add_argument("-d", "--device", default="auto",
+                        help="auto (first of cuda, mps, cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--split", default="val", choices=["train", "val"])  # test has no labels
+    parser.add_argument("--data-file", default=None, help="local jsonl in the official format")
+    parser.add_argument("--cache-dir", default=None,
+                        help="download folder (default: hellaswag/ next to this script)")
+    parser.add_argument("--batch-size", type=int, default=1, help="examples per forward pass")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    parser.add_argument("--log-every", type=int, default=500, help="progress line every N examples")
+    args = parser.parse_args(argv)
+
+    device = args.device
+    if device == "auto":
+        device = ("cuda" if torch.cuda.is_available()
+                  else "mps" if torch.backends.mps.is_available() else "cpu")
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32, as the lecture's figures were made
+
+    try:
+        examples = list(itertools.islice(
+            iterate_examples(args.split, args.data_file, args.cache_dir), args.limit))
+    except (HellaSwagError, OSError) as e:  # no internet, or no such --data-file
+        sys.exit(f"error: {e}")
+    if not examples:
+        sys.exit("error: no examples to evaluate")
+    from transformers import GPT2LMHeadModel  # heavy import, only the CLI needs it
+    try:
+        model = GPT2LMHeadModel.from_pretrained(args.model, dtype=torch.float32)
+    except OSError as e:  # HF raises OSError when the hub is unreachable or the name is unknown
+        sys.exit(f"error: could not load model {args.model!r}: {str(e).splitlines()[0]}")
+    model.to(device).eval()
+    print(f"evaluating {args.model} on {len(examples)} HellaSwag {args.split} examples on {device}")
+    n, correct, correct_norm = evaluate(lambda idx: model(idx).logits, examples,
+                                        args.batch_size, device, log_every=args.log_every)
+    print(f"acc {correct / n:.4f} acc_norm {correct_norm / n:.4f} over {n} examples")
+
+
+if __name__ == "__main__":
+    main()
