@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from hellaswag import HellaSwagError, evaluate, iterate_examples
+from hellaswag import URL, HellaSwagError, evaluate, iterate_examples
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -466,8 +466,9 @@ def main(argv=None):
         dist.barrier()
     try:
         hella = list(iterate_examples("val", data_file=args.hellaswag_file))[:args.hellaswag_limit or None]
-    except HellaSwagError as e:
-        print0(f"HellaSwag is off for this run: {e}")
+    except HellaSwagError:
+        print0(f"HellaSwag is off for this run: could not download {URL.format(split='val')}; "
+               "pass --hellaswag-file PATH for a local copy")
     if ddp and master_process:
         dist.barrier()
 

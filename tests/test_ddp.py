@@ -174,3 +174,71 @@ def test_fresh_run_keeps_earlier_checkpoints(shards, tmp_path):
     proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path, "--steps", "1")
     assert_clean_error(proc, "--resume")
     assert (tmp_path / "log.txt").read_text() == before  # nothing overwritten
+
+
+# ---------------------------------------------------------------------------- evaluation and the pipeline
+
+
+def reference_hellaswag(examples):
+    """acc_norm of stage 7's freshly initialised tiny model (seed 1337), scored in the test."""
+    import hellaswag
+    m = load(NAME)
+    torch.manual_seed(1337)
+    model = m.GPT(m.GPTConfig(vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+    n, _, correct_norm = hellaswag.evaluate(lambda idx: model(idx)[0], examples, batch_size=3)
+    return correct_norm / n
+
+
+def log_entries(log_dir):
+    rows = [line.split() for line in (log_dir / "log.txt").read_text().splitlines() if not line.startswith("#")]
+    return [(int(step), kind, float(value)) for step, kind, value in rows]
+
+
+def test_eval_and_sampling_with_torch_compile(shards, tmp_path):
+    """The lecture turned compile off for eval and sampling; here all of it runs compiled."""
+    from conftest import make_examples, write_jsonl
+    examples = make_examples(10)
+    jsonl = write_jsonl(tmp_path / "hellaswag_val.jsonl", examples)
+    proc, rows = run7("--data-dir", shards, "--log-dir", tmp_path / "log", "--steps", "4", "--eval-every", "2",
+                      "--compile", "--hellaswag-file", jsonl, "--hellaswag-limit", "0")
+    assert "compile on" in proc.stdout and [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert proc.stdout.count("sample 0: Hello, I'm a language model,") == 2  # at step 2 and the last
+    entries = log_entries(tmp_path / "log")
+    assert [(s, k) for s, k, _ in entries if k != "train"] == [(0, "val"), (0, "hella"), (2, "val"), (2, "hella"),
+                                                              (3, "val"), (3, "hella")]
+    assert entries[1][2] == pytest.approx(reference_hellaswag(examples), abs=1e-4)
+
+
+def test_pipeline_fineweb_to_ddp_to_stage1(tmp_path):
+    """fineweb.py -> torchrun 2 processes of 7_ -> log.txt -> the checkpoint in 1_'s GPT."""
+    import json
+    from conftest import ROOT, make_examples, write_jsonl
+    text = (ROOT / "input.txt").read_text(encoding="utf-8")
+    docs = [d for d in text.split("\n\n") if d.strip()][:1500]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    shards = tmp_path / "shards"
+    proc = run_script("fineweb", "--data-files", corpus, "--shard-size", "20000", "--out-dir", shards,
+                      "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(shards.glob("edufineweb_train_*.npy"))) >= 3
+    examples = make_examples(9)
+    jsonl = write_jsonl(tmp_path / "hellaswag_val.jsonl", examples)
+    log_dir = tmp_path / "log"
+    _, rows = run7("--data-dir", shards, "--log-dir", log_dir, "--steps", "3", "--eval-every", "2",
+                   "--hellaswag-file", jsonl, "--hellaswag-limit", "0", nproc=2)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    entries = log_entries(log_dir)
+    assert {k for _, k, _ in entries} == {"train", "val", "hella"}
+    # each rank scored every other example; the summed counts give the whole set's accuracy
+    assert [v for s, k, v in entries if k == "hella"][0] == pytest.approx(reference_hellaswag(examples), abs=1e-4)
+
+    ckpt = torch.load(log_dir / "model_00003.pt", weights_only=True)
+    stage1, stage7 = load("1_gpt2_hf_eval"), load(NAME)
+    ours = stage7.GPT(stage7.GPTConfig(**ckpt["config"])).eval()
+    ours.load_state_dict(ckpt["model"])
+    theirs = stage1.GPT(stage1.GPTConfig(**ckpt["config"])).eval()
+    theirs.load_state_dict(ckpt["model"])
+    idx = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx)[0], ours(idx)[0], rtol=0, atol=1e-5)
