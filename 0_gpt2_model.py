@@ -1,6 +1,6 @@
 """Stage 0: the GPT-2 model as a PyTorch nn.Module.
 
-New in this stage (lecture 00:13-00:28, "Section 1: implementing the GPT-2 nn.Module"):
+New in this stage (lecture 00:13:47-00:28:08, "Section 1: implementing the GPT-2 nn.Module"):
 - GPTConfig with GPT-2 124M's sizes (12 layers, 12 heads, 768 dims, 1024 positions, 50257 tokens)
 - CausalSelfAttention (one fused c_attn projection, heads split by view/transpose, causal mask),
   MLP (GELU, tanh approximation), Block (pre-LayerNorm residual), GPT (wte, wpe, h, ln_f, lm_head)

@@ -1,6 +1,6 @@
 """Stage 1: load OpenAI's GPT-2 weights through Hugging Face and sample from them.
 
-New in this stage (lecture 00:28-00:45, "loading the huggingface/GPT-2 parameters",
+New in this stage (lecture 00:28:08-00:45:50, "loading the huggingface/GPT-2 parameters",
 "forward pass", "sampling init, prefix tokens, tokenization", "sampling loop"):
 - GPT.from_pretrained(name_or_dir): gpt2 | gpt2-medium | gpt2-large | gpt2-xl from the hub,
   or a local directory written by GPT2LMHeadModel.save_pretrained; Conv1D weights transposed

@@ -1,7 +1,7 @@
 """Stage 2: train the model; first, overfit a single batch of tiny Shakespeare.
 
-New in this stage (lecture 00:45-00:58, "data loader lite" up to "cross entropy loss",
-"optimization loop: overfit a single batch"):
+New in this stage (lecture 00:45:50-01:02:00, "let's train: data batches (B,T) -> logits
+(B,T,C)", "cross entropy loss", "optimization loop: overfit a single batch"):
 - tokenise input.txt with tiktoken's gpt2 encoding
 - cut one (B, T) batch of inputs, with targets shifted one token to the left
 - cross-entropy loss in GPT.forward, an AdamW loop (lr 3e-4) over that single batch

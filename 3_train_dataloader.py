@@ -1,6 +1,6 @@
 """Stage 3: a data loader that walks the whole of tiny Shakespeare.
 
-New in this stage (lecture 00:58-01:00, "data loader lite"):
+New in this stage (lecture 01:02:00-01:06:14, "data loader lite"):
 - DataLoaderLite: consecutive (B, T) batches over the token stream, wrapping to the start at
   the end of an epoch; prints the tokens loaded and the batches per epoch
 - the training loop takes a fresh batch each step instead of repeating one

@@ -1,6 +1,6 @@
 """Stage 4: GPT-2's parameter sharing and initialisation.
 
-New in this stage (lecture 01:00-01:22, "parameter sharing wte and lm_head", "model
+New in this stage (lecture 01:06:14-01:22:18, "parameter sharing wte and lm_head", "model
 initialization: std 0.02, residual init"):
 - weight tying: lm_head and wte share one (50257, 768) matrix (38.6M fewer parameters: 124M)
 - Linear and Embedding weights ~ N(0, 0.02), biases zero (GPT-2's TF code)

@@ -1,6 +1,6 @@
 """Stage 5: make it fast.
 
-New in this stage (lecture 01:22-02:14, "Section 2: Let's make it fast"):
+New in this stage (lecture 01:22:18-02:14:55, "Section 2: Let's make it fast"):
 - step timing that is honest: wait for the GPU (CUDA, MPS) before reading the clock; each step
   line adds dt (ms), tok/s and, on a known GPU, mfu (% of the chip's peak bf16 FLOP/s)
 - TF32 matmuls, bf16 autocast for the forward pass (--dtype), torch.compile (--compile)

@@ -1,6 +1,6 @@
 """Stage 6: the GPT-3 (125M) training recipe.
 
-New in this stage (lecture 02:14-02:46, "Section 3: hyperparameters, AdamW, gradient clipping"
+New in this stage (lecture 02:14:55-02:46:52, "Section 3: hyperparameters, AdamW, gradient clipping"
 up to "gradient accumulation"; the GPT-3 paper, appendix B and table 2.1):
 - AdamW betas (0.9, 0.95), eps 1e-8; the gradient norm clipped at 1.0 and printed (norm)
 - learning rate: linear warmup, then cosine decay to 10% of the max (6e-4); printed (lr)

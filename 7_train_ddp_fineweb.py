@@ -1,6 +1,6 @@
 """Stage 7: the full run: DDP on FineWeb-Edu, with validation, HellaSwag, sampling, checkpoints.
 
-New in this stage (lecture 02:46-03:43, "distributed data parallel", "datasets used in GPT-2,
+New in this stage (lecture 02:46:52-03:43:05, "distributed data parallel", "datasets used in GPT-2,
 GPT-3, FineWeb (EDU)", "validation data split, validation loss, sampling revive", "evaluation:
 HellaSwag, starting the run"):
 - DDP under torchrun (nccl on CUDA, gloo on CPU); plain `python 7_...` runs one process
@@ -496,7 +496,7 @@ def main(argv=None):
                      f"{asdict(config)}; pass the same --n-layer/--n-head/--n-embd")
         model.load_state_dict(ckpt["model"])
         train_loader.load_state_dict(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
+        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())  # map_location moved it to the device
         print0(f"resuming from {checkpoints[-1]} after step {ckpt['step'] - 1}")
     raw_model = model  # sampling's growing lengths would make a compiled model recompile
     if use_compile:
