@@ -50,7 +50,7 @@ def test_missing_input(name, tmp_path):
     assert_clean_error(proc, "nope.txt", "not found")
 
 
-@pytest.mark.parametrize("name", TRAIN)
+@pytest.mark.parametrize("name", existing(SCRIPTS[2:]))
 def test_seq_len_beyond_block_size(name):
     proc = run_script(name, *TINY, "-T", "2048", "--device", "cpu")
     assert_clean_error(proc, "block size 1024")

@@ -171,3 +171,26 @@ def test_total_batch_must_divide(name, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "--total-batch-size 100 is not a positive multiple of B*T" in last and "= 32;" in last
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_flops_per_token_and_mfu_field(name, tmp_path):
+    """6N + 12 L H Q T (N without the position embeddings): 855,383,040 FLOPs per token for 124M
+    at T=1024; with --peak-tflops, mfu = flops per step / dt / peak."""
+    import io
+    from contextlib import redirect_stdout
+    from conftest import parse_steps
+    m = load(name)
+    with torch.device("meta"):
+        model = m.GPT(m.GPTConfig(vocab_size=50304))
+    assert m.flops_per_token(model, 1024) == 6 * (124_475_904 - 1024 * 768) + 12 * 12 * 12 * 64 * 1024
+    assert m.peak_flops("cpu", torch.bfloat16, None) is None  # no mfu on a CPU by default
+    one_batch = ["--total-batch-size", "32"] if name in RECIPE else []
+    out = io.StringIO()
+    with redirect_stdout(out):
+        m.main(CPU + one_batch + data_args(name, tmp_path) + ["--steps", "1", "--no-compile", "--peak-tflops", "0.001"])
+    row = parse_steps(out.getvalue())[0]
+    with torch.device("meta"):
+        tiny_model = m.GPT(m.GPTConfig(vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    expected = 100 * m.flops_per_token(tiny_model, 16) * 32 / (row["dt"] / 1000) / 1e9
+    assert row["mfu"] == pytest.approx(expected, rel=0.02)  # dt is printed rounded to 0.01 ms
