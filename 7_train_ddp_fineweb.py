@@ -215,11 +215,10 @@ def load_tokens(path):
 class DataLoaderLite:
     """(B, T) batches from the edufineweb_{split}_*.npy shards, for rank `rank` of `world_size`.
 
-    A step's micro-batches are consecutive B*T slices dealt round-robin to the ranks (rank r
-    takes slices r, r+W, r+2W, ...), and a step never straddles two shards: the position is the
-    same on every rank, so all ranks leave a shard after the same number of batches, and W ranks
-    take exactly the slices one process takes with W x the micro-steps. Train shards are read in
-    a seeded order, reshuffled each epoch (the same on every rank); val shards in order.
+    A step's micro-batches are consecutive B*T slices dealt round-robin to the ranks (rank r takes
+    slices r, r+W, r+2W, ...); a step never straddles two shards, and the position is the same on
+    every rank, so ranks leave a shard together and W ranks take exactly the slices of one process
+    with W x the micro-steps. Train shards come in a seeded order, new each epoch, same on all ranks.
     """
 
     def __init__(self, data_dir, split, B, T, rank, world_size, seed=0, step_tokens=None):
@@ -360,17 +359,10 @@ def all_reduce_mean(t, ddp, world_size):
 
 
 def log_header(device, world_size):
-    """What a log needs to be read later: how it was run, with which libraries, on what."""
     chip = torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine()
     return (f"# command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}\n"
             f"# python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__}"
             f" | tiktoken {tiktoken.__version__}\n# device: {world_size} x {device} ({chip})\n")
-
-
-def save_checkpoint(path, ckpt):
-    """torch.save to a temporary file, then rename: a crash mid-write never leaves a torn file."""
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -488,9 +480,9 @@ def main(argv=None):
 
     model = GPT(config)
     model.to(device)
-    ckpt = None
-    if args.resume:
-        ckpt = torch.load(checkpoints[-1], map_location=device, weights_only=True)  # plain types only
+    # --resume: the newest checkpoint; weights_only: it holds plain types and tensors, no pickled code
+    ckpt = torch.load(checkpoints[-1], map_location=device, weights_only=True) if args.resume else None
+    if ckpt:
         if ckpt["config"] != asdict(config):
             sys.exit(f"error: {checkpoints[-1]} holds a model with {ckpt['config']}, this run builds "
                      f"{asdict(config)}; pass the same --n-layer/--n-head/--n-embd")
@@ -588,10 +580,11 @@ def main(argv=None):
             with open(log_file, "a") as f:
                 f.write("".join(f"{entry}\n" for entry in log_lines + [f"{step} train {losses[-1]:.6f}"]))
             if (step + 1) % args.checkpoint_every == 0 or last_step:  # the state after step + 1 steps
-                save_checkpoint(os.path.join(args.log_dir, f"model_{step + 1:05d}.pt"), {
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": asdict(raw_model.config), "step": step + 1, "val_loss": val_loss,
-                    "loader": train_loader.state_dict(), "rng": {"cpu": torch.get_rng_state()}})
+                path = os.path.join(args.log_dir, f"model_{step + 1:05d}.pt")
+                torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "config": asdict(raw_model.config), "step": step + 1, "val_loss": val_loss,
+                            "loader": train_loader.state_dict(), "rng": {"cpu": torch.get_rng_state()}}, path + ".tmp")
+                os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a torn file
 
     if ddp:
         dist.destroy_process_group()
