@@ -227,8 +227,8 @@ class DataLoaderLite:
 # ----------------------------------------------------------------------------------------------
 # helpers
 
-# peak dense bf16 / tf32 tensor-core TFLOP/s from NVIDIA's data sheets (SXM parts; H100 PCIe: 756)
-PEAK_TFLOPS = {"A100": (312.0, 156.0), "H100": (989.4, 494.7), "H200": (989.4, 494.7)}
+# peak dense bf16 / tf32 tensor-core TFLOP/s from NVIDIA's data sheets (first match in the name)
+PEAK_TFLOPS = {"A100": (312.0, 156.0), "H100 PCIe": (756.0, 378.0), "H100": (989.4, 494.7), "H200": (989.4, 494.7)}
 
 
 def synchronize(device_type):
@@ -247,8 +247,7 @@ def peak_flops(device_type, dtype, override_tflops):
         name = torch.cuda.get_device_name()
         for chip, (bf16, tf32) in PEAK_TFLOPS.items():
             if chip in name:
-                peak = 756.0 if chip == "H100" and "PCIe" in name else bf16
-                return (peak if dtype == torch.bfloat16 else peak / 2) * 1e12
+                return (bf16 if dtype == torch.bfloat16 else tf32) * 1e12
     return None  # unknown chip, or a CPU: no mfu field
 
 

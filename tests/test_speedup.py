@@ -194,3 +194,16 @@ def test_flops_per_token_and_mfu_field(name, tmp_path):
         tiny_model = m.GPT(m.GPTConfig(vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
     expected = 100 * m.flops_per_token(tiny_model, 16) * 32 / (row["dt"] / 1000) / 1e9
     assert row["mfu"] == pytest.approx(expected, rel=0.02)  # dt is printed rounded to 0.01 ms
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_peak_flops_from_gpu_name(name, monkeypatch):
+    m = load(name)
+    for gpu, bf16, tf32 in [("NVIDIA A100-SXM4-80GB", 312e12, 156e12), ("NVIDIA H100 80GB HBM3", 989.4e12, 494.7e12),
+                            ("NVIDIA H100 PCIe", 756e12, 378e12), ("NVIDIA H200", 989.4e12, 494.7e12)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, g=gpu: g)
+        assert m.peak_flops("cuda", torch.bfloat16, None) == pytest.approx(bf16)
+        assert m.peak_flops("cuda", torch.float32, None) == pytest.approx(tf32)  # TF32 matmuls
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce RTX 4090")
+    assert m.peak_flops("cuda", torch.bfloat16, None) is None  # unknown: no mfu unless --peak-tflops
+    assert m.peak_flops("cuda", torch.bfloat16, 165.0) == 165e12
