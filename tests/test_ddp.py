@@ -1,4 +1,6 @@
 """Stage 7: shard loader, DDP equivalence, exact resume, checkpoints, log, bad input."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,13 @@ def shards(tmp_path):
 
 
 def run7(*args, nproc=1, **kw):
+    """Stage 7 on the tiny model; without a --hellaswag-file, an empty one, so that a HellaSwag
+    file someone downloaded into the repo's cache cannot change what a test sees."""
     cmd = TORCHRUN + [f"{NAME}.py"] if nproc == 2 else None
+    if "--hellaswag-file" not in args:
+        empty = Path(args[args.index("--data-dir") + 1]).parent / "no_hellaswag.jsonl"
+        empty.write_text("")
+        args += ("--hellaswag-file", empty)
     proc = run_script(NAME, *RUN, *args, cmd=cmd, **kw)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, parse_steps(proc.stdout)
@@ -137,6 +145,19 @@ def assert_clean_error(proc, *needles):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and all(n in last for n in needles), proc.stderr
+
+
+def test_offline_without_hellaswag_file_says_so_once_and_trains_on(shards, tmp_path):
+    from conftest import ROOT
+    if (ROOT / "hellaswag" / "hellaswag_val.jsonl").exists():
+        pytest.skip("a downloaded HellaSwag file is cached in hellaswag/: this machine is not offline")
+    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path / "log", "--steps", "2",
+                      "--eval-every", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("HellaSwag is off for this run") == 1 and "--hellaswag-file" in proc.stdout
+    assert [r["step"] for r in parse_steps(proc.stdout)] == [0, 1]
+    assert {kind for _, kind, _ in log_entries(tmp_path / "log")} == {"train", "val"}
+    assert not (ROOT / "hellaswag").exists() or not list((ROOT / "hellaswag").iterdir())  # nothing half-written
 
 
 def test_no_shards(tmp_path):

@@ -15,7 +15,9 @@ def data_args(name, tmp_path):
     if name != "7_train_ddp_fineweb":
         return []
     shards = write_shards(tmp_path / "shards", [2000, 5000])
-    return ["--data-dir", str(shards), "--log-dir", str(tmp_path / "log"), "--eval-every", "1000", "--val-steps", "1"]
+    (tmp_path / "no_hellaswag.jsonl").write_text("")  # an empty HellaSwag file: none is scored
+    return ["--data-dir", str(shards), "--log-dir", str(tmp_path / "log"), "--eval-every", "1000", "--val-steps", "1",
+            "--hellaswag-file", str(tmp_path / "no_hellaswag.jsonl")]
 
 
 @pytest.mark.parametrize("name", FAST)
