@@ -126,6 +126,15 @@ class GPT(nn.Module):
 # helpers
 
 
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE (50257 tokens); its two files are downloaded once, then cached."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as e:  # offline with nothing cached (requests' ConnectionError is an OSError)
+        sys.exit(f"error: could not get GPT-2's BPE files ({type(e).__name__}); offline, set "
+                 "TIKTOKEN_CACHE_DIR to a folder that holds them (see README)")
+
+
 @torch.no_grad()
 def generate(model, idx, max_length, generator=None):
     """Extend idx (B, T) to (B, max_length) by sampling one next token at a time."""
@@ -143,6 +152,8 @@ def main(argv=None):
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("--num-return-sequences", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=30)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head != 0:
@@ -154,15 +165,15 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}")  # 163,037,184 for 124M: lm_head is not yet tied to wte
 
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     tokens = enc.encode("Hello, I'm a language model,")  # 8 tokens
-    x = torch.tensor(tokens, dtype=torch.long).unsqueeze(0).repeat(2, 1)  # (2, 8)
+    x = torch.tensor(tokens, dtype=torch.long).unsqueeze(0).repeat(args.num_return_sequences, 1)
     logits, _ = model(x)
-    print(f"input {tuple(x.shape)} -> logits {tuple(logits.shape)}")  # (2, 8) -> (2, 8, 50257)
+    print(f"input {tuple(x.shape)} -> logits {tuple(logits.shape)}")  # (5, 8) -> (5, 8, 50257)
 
     # a random model predicts close to uniformly over 50257 tokens, so expect gibberish
     g = torch.Generator().manual_seed(args.seed)
-    for row in generate(model, x, max_length=16, generator=g):
+    for row in generate(model, x, max_length=args.max_length, generator=g):
         print(">", enc.decode(row.tolist()))
 
 

@@ -172,6 +172,15 @@ def pick_device(name):
     return name
 
 
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE (50257 tokens); its two files are downloaded once, then cached."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as e:  # offline with nothing cached (requests' ConnectionError is an OSError)
+        sys.exit(f"error: could not get GPT-2's BPE files ({type(e).__name__}); offline, set "
+                 "TIKTOKEN_CACHE_DIR to a folder that holds them (see README)")
+
+
 @torch.no_grad()
 def generate(model, idx, max_length, generator=None, top_k=50):
     """Extend idx (B, T) to (B, max_length) by sampling one next token at a time."""
@@ -206,7 +215,7 @@ def main(argv=None):
     model.eval()
     model.to(device)
 
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     tokens = enc.encode("Hello, I'm a language model,")  # 8 tokens
     x = torch.tensor(tokens, dtype=torch.long).unsqueeze(0).repeat(args.num_return_sequences, 1)
     x = x.to(device)  # (5, 8)

@@ -182,7 +182,7 @@ def load_tokens(path):
                  "to that path, or pass --input FILE")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     return torch.tensor(enc.encode(text), dtype=torch.long)
 
 
@@ -263,6 +263,15 @@ def pick_device(name):
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
         sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
     return name
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE (50257 tokens); its two files are downloaded once, then cached."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as e:  # offline with nothing cached (requests' ConnectionError is an OSError)
+        sys.exit(f"error: could not get GPT-2's BPE files ({type(e).__name__}); offline, set "
+                 "TIKTOKEN_CACHE_DIR to a folder that holds them (see README)")
 
 
 @torch.no_grad()
@@ -366,7 +375,7 @@ def main(argv=None):
         print(line)
 
     # what did it learn? sample one continuation of the prompt
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device).unsqueeze(0)
     g = torch.Generator(device=device).manual_seed(42)
     print(">", enc.decode(generate(raw_model.eval(), prompt, max_length=32, generator=g)[0].tolist()))

@@ -334,6 +334,15 @@ def pick_device(name):
     return name
 
 
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE (50257 tokens); its two files are downloaded once, then cached."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as e:  # offline with nothing cached (requests' ConnectionError is an OSError)
+        sys.exit(f"error: could not get GPT-2's BPE files ({type(e).__name__}); offline, set "
+                 "TIKTOKEN_CACHE_DIR to a folder that holds them (see README)")
+
+
 @torch.no_grad()
 def generate(model, idx, max_length, generator=None, top_k=50):
     """Extend idx (B, T) to (B, max_length) by sampling one next token at a time."""
@@ -507,7 +516,7 @@ def main(argv=None):
         os.makedirs(args.log_dir, exist_ok=True)
         with open(log_file, "a" if args.resume else "w") as f:
             f.write(log_header(device, ddp_world_size) + (f"# resumed at step {start_step}\n" if args.resume else ""))
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     losses = []
     for step in range(start_step, args.steps):
         last_step = step == args.steps - 1

@@ -40,7 +40,11 @@ class HellaSwagError(RuntimeError):
 
 @functools.lru_cache(maxsize=None)
 def gpt2_encoder():
-    return tiktoken.get_encoding("gpt2")  # loaded on first use, not at import
+    try:
+        return tiktoken.get_encoding("gpt2")  # loaded on first use, not at import
+    except OSError as e:  # offline with nothing cached (requests' ConnectionError is an OSError)
+        raise HellaSwagError(f"could not get GPT-2's BPE files ({type(e).__name__}); offline, set "
+                             "TIKTOKEN_CACHE_DIR to a folder that holds them") from e
 
 
 # ----------------------------------------------------------------------------- data
@@ -200,9 +204,10 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")  # TF32, as the lecture's figures were made
 
     try:
+        gpt2_encoder()
         examples = list(itertools.islice(
             iterate_examples(args.split, args.data_file, args.cache_dir), args.limit))
-    except (HellaSwagError, OSError) as e:  # no internet, or no such --data-file
+    except (HellaSwagError, OSError) as e:  # no internet, no BPE files, or no such --data-file
         sys.exit(f"error: {e}")
     if not examples:
         sys.exit("error: no examples to evaluate")
