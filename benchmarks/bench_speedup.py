@@ -51,7 +51,7 @@ def make_variant(name, module, vocab, tf32, bf16, compile_, recipe, device, devi
         stage5.synchronize(device_type)
         return loss.item()
 
-    return {"name": name, "step": step, "model": model, "bf16": bf16, "times": []}
+    return {"name": name, "step": step, "model": model, "bf16": bf16, "tf32": tf32, "times": []}
 
 
 def main():
@@ -109,9 +109,9 @@ def main():
     for v in variants:
         dt = statistics.median(v["times"])
         row = f"| {v['name']} | {dt * 1000:.1f} | {B * T / dt:,.0f} | {base / dt:.2f}x |"
-        if peak:
-            p = peak if v["bf16"] else stage5.peak_flops(device_type, torch.float32, None)
-            row += f" {100 * stage5.flops_per_token(v['model'], T) * B * T / dt / p:.1f}% |"
+        if peak:  # against the bf16 or TF32 tensor-core peak; plain fp32 has no entry in the table
+            p = peak if v["bf16"] else stage5.peak_flops(device_type, torch.float32, None) if v["tf32"] else None
+            row += f" {100 * stage5.flops_per_token(v['model'], T) * B * T / dt / p:.1f}% |" if p else " - |"
         print(row)
 
 

@@ -50,6 +50,25 @@ def run_script(name, *args, env=None, timeout=600, cmd=None):
                           timeout=timeout)
 
 
+def assert_clean_error(proc, *needles):
+    """A user mistake: non-zero exit, no traceback, and a last stderr line that says `error`
+    and contains every needle."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "error" in last and all(n in last for n in needles), proc.stderr
+
+
+def main_steps(module, argv):
+    """Call a stage's main(argv) in this process; return (its stdout, its parsed step lines)."""
+    import io
+    from contextlib import redirect_stdout
+    out = io.StringIO()
+    with redirect_stdout(out):
+        module.main([str(a) for a in argv])
+    return out.getvalue(), parse_steps(out.getvalue())
+
+
 def parse_steps(stdout):
     """The step lines of a run as dicts: {'step': n, 'loss': x, <name>: <value>, ...}."""
     rows = []

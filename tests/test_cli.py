@@ -1,17 +1,8 @@
 """Every script runs end to end as a program; bad input gets one clear line, no traceback."""
 import pytest
-from conftest import SCRIPTS, TINY, existing, parse_steps, run_script
+from conftest import SCRIPTS, TINY, assert_clean_error, existing, make_examples, parse_steps, run_script, write_jsonl
 
 TRAIN = existing(SCRIPTS[2:7])  # the tiny-Shakespeare training scripts
-
-
-def assert_clean_error(proc, *needles):
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "error" in last, proc.stderr
-    for needle in needles:
-        assert needle in last, proc.stderr
 
 
 def test_stage0_runs():
@@ -73,13 +64,12 @@ def test_import_has_no_side_effects(name):
 @pytest.mark.parametrize("name", existing(SCRIPTS[:7]) + ["hellaswag"])
 def test_missing_bpe_files_offline(name, tmp_path, hf_dir):
     """No GPT-2 BPE files in the tiktoken cache and no network: one line that names the fix.
-    (With a network tiktoken just downloads them, and the run goes on.)"""
-    from conftest import make_examples, write_jsonl
+    A dead proxy makes the download fail even on a machine that is online."""
     args = {"0_gpt2_model": TINY, "1_gpt2_hf_eval": ["--model", hf_dir],
             "hellaswag": ["-m", hf_dir, "--data-file", write_jsonl(tmp_path / "h.jsonl", make_examples(2))]
             }.get(name, TINY + ["--steps", "1", "-B", "1", "-T", "8", "--device", "cpu"])
     empty = tmp_path / "no_bpe"
     empty.mkdir()
-    proc = run_script(name, *args, env={"TIKTOKEN_CACHE_DIR": str(empty)})
-    if proc.returncode != 0:
-        assert_clean_error(proc, "TIKTOKEN_CACHE_DIR")
+    dead = "http://127.0.0.1:9"  # the discard port: nothing answers
+    proc = run_script(name, *args, env={"TIKTOKEN_CACHE_DIR": str(empty), "HTTPS_PROXY": dead, "https_proxy": dead})
+    assert_clean_error(proc, "TIKTOKEN_CACHE_DIR")

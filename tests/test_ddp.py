@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, load, parse_steps, run_script, write_shards
+from conftest import (ROOT, TINY, assert_clean_error, load, make_examples, parse_steps, run_script, write_jsonl,
+                      write_shards)
 
 NAME = "7_train_ddp_fineweb"
 TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
@@ -141,14 +142,7 @@ def test_log_file(shards, tmp_path):
 # ---------------------------------------------------------------------------- bad input
 
 
-def assert_clean_error(proc, *needles):
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and all(n in last for n in needles), proc.stderr
-
-
 def test_offline_without_hellaswag_file_says_so_once_and_trains_on(shards, tmp_path):
-    from conftest import ROOT
     if (ROOT / "hellaswag" / "hellaswag_val.jsonl").exists():
         pytest.skip("a downloaded HellaSwag file is cached in hellaswag/: this machine is not offline")
     proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path / "log", "--steps", "2",
@@ -217,7 +211,6 @@ def log_entries(log_dir):
 
 def test_eval_and_sampling_with_torch_compile(shards, tmp_path):
     """The lecture turned compile off for eval and sampling; here all of it runs compiled."""
-    from conftest import make_examples, write_jsonl
     examples = make_examples(10)
     jsonl = write_jsonl(tmp_path / "hellaswag_val.jsonl", examples)
     proc, rows = run7("--data-dir", shards, "--log-dir", tmp_path / "log", "--steps", "4", "--eval-every", "2",
@@ -233,7 +226,6 @@ def test_eval_and_sampling_with_torch_compile(shards, tmp_path):
 def test_pipeline_fineweb_to_ddp_to_stage1(tmp_path):
     """fineweb.py -> torchrun 2 processes of 7_ -> log.txt -> the checkpoint in 1_'s GPT."""
     import json
-    from conftest import ROOT, make_examples, write_jsonl
     text = (ROOT / "input.txt").read_text(encoding="utf-8")
     docs = [d for d in text.split("\n\n") if d.strip()][:1500]
     corpus = tmp_path / "corpus.jsonl"

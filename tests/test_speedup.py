@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import SCRIPTS, TINY, existing, load, write_shards
+from conftest import ROOT, SCRIPTS, TINY, existing, load, main_steps, run_script, write_shards
 
 FAST = existing(SCRIPTS[5:])  # stages with SDPA, autocast, compile and vocab 50304
 RECIPE = existing(SCRIPTS[6:])  # stages with the GPT-3 recipe
@@ -67,7 +67,6 @@ def test_torch_compile_on_cpu_matches_eager():
 
 @pytest.mark.parametrize("name", FAST)
 def test_padded_vocab_rows_are_never_targets_and_never_sampled(name, enc):
-    from conftest import ROOT
     m = load(name)
     tokens = torch.tensor(enc.encode((ROOT / "input.txt").read_text(encoding="utf-8")))
     assert tokens.max().item() < 50257 == enc.n_vocab  # the 47 padding ids are never targets
@@ -97,13 +96,7 @@ def test_padded_vocab_rows_are_never_targets_and_never_sampled(name, enc):
 @pytest.mark.parametrize("name", FAST)
 def test_step_line_fields(name, tmp_path):
     """Stage 5 appends dt (ms) and tok/s; stage 6 appends lr and norm after them."""
-    import io
-    from contextlib import redirect_stdout
-    from conftest import parse_steps
-    out = io.StringIO()
-    with redirect_stdout(out):
-        load(name).main(CPU + data_args(name, tmp_path) + ["--steps", "2", "--no-compile"])
-    rows = parse_steps(out.getvalue())
+    _, rows = main_steps(load(name), CPU + data_args(name, tmp_path) + ["--steps", "2", "--no-compile"])
     expected = ["step", "loss", "dt", "tok/s"] + (["lr", "norm"] if name in RECIPE else [])
     assert [list(r) for r in rows] == [expected] * 2  # no mfu on a CPU
     assert all(r["dt"] > 0 and r["tok/s"] > 0 for r in rows)
@@ -149,17 +142,9 @@ def test_gradient_accumulation_equals_one_big_batch(name, tmp_path):
     m = load(name)
     common = TINY + ["--device", "cpu", "-T", "16", "--total-batch-size", "128", "--steps", "3",
                      "--dtype", "float32", "--no-compile"]
-    import io
-    from contextlib import redirect_stdout
-    from conftest import parse_steps
-    runs = []  # B=2: 4 micro-steps per step; B=8: 1
-    for B in ("2", "8"):
-        out = io.StringIO()
-        with redirect_stdout(out):
-            m.main(common + data_args(name, tmp_path / B) + ["-B", B])
-        runs.append(parse_steps(out.getvalue()))
-    small, big = runs
-    assert "= 1 micro-steps" in out.getvalue()  # the B=8 run: one batch of 128 tokens
+    out_small, small = main_steps(m, common + data_args(name, tmp_path / "2") + ["-B", "2"])
+    out_big, big = main_steps(m, common + data_args(name, tmp_path / "8") + ["-B", "8"])
+    assert "= 4 micro-steps" in out_small and "= 1 micro-steps" in out_big  # 4 x 32 vs 1 x 128 tokens
     for a, b in zip(small, big):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["norm"] == pytest.approx(b["norm"], rel=1e-5)  # same gradients, same norm
@@ -168,7 +153,6 @@ def test_gradient_accumulation_equals_one_big_batch(name, tmp_path):
 
 @pytest.mark.parametrize("name", RECIPE)
 def test_total_batch_must_divide(name, tmp_path):
-    from conftest import run_script
     proc = run_script(name, *CPU, *data_args(name, tmp_path), "--total-batch-size", "100")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -179,19 +163,15 @@ def test_total_batch_must_divide(name, tmp_path):
 def test_flops_per_token_and_mfu_field(name, tmp_path):
     """6N + 12 L H Q T (N without the position embeddings): 855,383,040 FLOPs per token for 124M
     at T=1024; with --peak-tflops, mfu = flops per step / dt / peak."""
-    import io
-    from contextlib import redirect_stdout
-    from conftest import parse_steps
     m = load(name)
     with torch.device("meta"):
         model = m.GPT(m.GPTConfig(vocab_size=50304))
     assert m.flops_per_token(model, 1024) == 6 * (124_475_904 - 1024 * 768) + 12 * 12 * 12 * 64 * 1024
     assert m.peak_flops("cpu", torch.bfloat16, None) is None  # no mfu on a CPU by default
     one_batch = ["--total-batch-size", "32"] if name in RECIPE else []
-    out = io.StringIO()
-    with redirect_stdout(out):
-        m.main(CPU + one_batch + data_args(name, tmp_path) + ["--steps", "1", "--no-compile", "--peak-tflops", "0.001"])
-    row = parse_steps(out.getvalue())[0]
+    _, rows = main_steps(m, CPU + one_batch + data_args(name, tmp_path) + ["--steps", "1", "--no-compile",
+                                                                           "--peak-tflops", "0.001"])
+    row = rows[0]
     with torch.device("meta"):
         tiny_model = m.GPT(m.GPTConfig(vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
     expected = 100 * m.flops_per_token(tiny_model, 16) * 32 / (row["dt"] / 1000) / 1e9
