@@ -271,6 +271,16 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
 
 
+def divergence_error(step, loss, norm, resume):
+    """The error line for a loss or gradient norm that is nan or inf (the run has diverged), else
+    None: the caller stops before optimizer.step(), which would write the nan into the weights."""
+    bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", norm)) if not math.isfinite(value)]
+    if bad:
+        return (f"error: step {step}: {' and '.join(bad)}: the run diverged and stopped before the optimizer step; "
+                f"{resume}, with a lower --max-lr or a longer --warmup-steps")
+    return None
+
+
 def compile_unavailable(device_type):
     """Why torch.compile cannot run here, or None: it needs Triton on a GPU, a C++ compiler on a CPU."""
     if os.name == "nt" or device_type == "mps":
@@ -411,6 +421,9 @@ def main(argv=None):
             loss.backward()
         # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        error = divergence_error(step, loss_accum.item(), norm.item(), "start again")  # no checkpoints here
+        if error:
+            sys.exit(error)
         lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
