@@ -7,6 +7,8 @@ up to "gradient accumulation"; the GPT-3 paper, appendix B and table 2.1):
 - weight decay 0.1 on matmul weights and embeddings only; fused AdamW on CUDA
 - gradient accumulation: each step sees --total-batch-size tokens (2**19 = 524,288, GPT-3
   125M's 0.5M) in total / (B*T) micro-steps; on CPU the default is 4 micro-steps
+- a loss or gradient norm that is nan or inf (the run diverged) stops it before the optimizer
+  step, with one line saying which step and what to try
 
 Run:   python 6_train_hyperparams.py  (124M, 50 steps of 524,288 tokens each)
 Diff:  diff 5_train_speedup.py 6_train_hyperparams.py
@@ -403,6 +405,7 @@ def main(argv=None):
     flops_step = flops_per_token(raw_model, T) * total_batch_size
     optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type=device_type)
     losses = []
+    resume = "start again"  # after a divergence: this stage writes no checkpoints
     for step in range(args.steps):
         t0 = time.time()
         optimizer.zero_grad()
@@ -421,7 +424,7 @@ def main(argv=None):
             loss.backward()
         # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        error = divergence_error(step, loss_accum.item(), norm.item(), "start again")  # no checkpoints here
+        error = divergence_error(step, loss_accum.item(), norm.item(), resume)
         if error:
             sys.exit(error)
         lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)

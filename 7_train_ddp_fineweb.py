@@ -10,6 +10,8 @@ HellaSwag, starting the run"):
   ranks' share of the examples, samples from the model (all of it works with torch.compile on)
 - {log-dir}/log.txt (header: command, versions, device) and checkpoints model_{n:05d}.pt that
   --resume continues from exactly
+- long runs: a diverged run (a nan or inf loss or gradient norm) stops before the optimizer step
+  and names the checkpoint to resume from
 - defaults: the lecture's 10B-token run (B=64, T=1024, 19,073 steps, warmup 715); small on CPU
 
 Run:   python fineweb.py                                          (~10B tokens into 100 shards)
@@ -314,6 +316,16 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
 
 
+def divergence_error(step, loss, norm, resume):
+    """The error line for a loss or gradient norm that is nan or inf (the run has diverged), else
+    None: the caller stops before optimizer.step(), which would write the nan into the weights."""
+    bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", norm)) if not math.isfinite(value)]
+    if bad:
+        return (f"error: step {step}: {' and '.join(bad)}: the run diverged and stopped before the optimizer step; "
+                f"{resume}, with a lower --max-lr or a longer --warmup-steps")
+    return None
+
+
 def compile_unavailable(device_type):
     """Why torch.compile cannot run here, or None: it needs Triton on a GPU, a C++ compiler on a CPU."""
     if os.name == "nt" or device_type == "mps":
@@ -509,7 +521,7 @@ def main(argv=None):
                                                master_process=master_process)
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-    start_step = ckpt["step"] if ckpt else 0
+    start_step, resume = (ckpt["step"], f"--resume from {checkpoints[-1]}") if ckpt else (0, "start again")
     val_loss = ckpt["val_loss"] if ckpt else None
     log_file = os.path.join(args.log_dir, "log.txt")
     if master_process:  # a fresh run starts a new log; --resume appends to it
@@ -518,6 +530,7 @@ def main(argv=None):
             f.write(log_header(device, ddp_world_size) + (f"# resumed at step {start_step}\n" if args.resume else ""))
     enc = gpt2_tokenizer()
     losses = []
+    error = None
     for step in range(start_step, args.steps):
         last_step = step == args.steps - 1
         log_lines = []
@@ -573,6 +586,9 @@ def main(argv=None):
         all_reduce_mean(loss_accum, ddp, ddp_world_size)  # the loss over all ranks' tokens
         # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        error = divergence_error(step, loss_accum.item(), norm.item(), resume)
+        if error:
+            break  # every rank sees the same all-reduced loss and norm: all stop here
         lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
@@ -593,9 +609,12 @@ def main(argv=None):
                             "config": asdict(raw_model.config), "step": step + 1, "val_loss": val_loss,
                             "loader": train_loader.state_dict(), "rng": {"cpu": torch.get_rng_state()}}, path + ".tmp")
                 os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a torn file
+                resume = f"--resume from {path}"
 
     if ddp:
         dist.destroy_process_group()
+    if error:  # rank 0 says why
+        sys.exit(error if master_process else 1)
     return losses
 
 

@@ -29,6 +29,7 @@ SCRIPTS = [
     "4_train_init", "5_train_speedup", "6_train_hyperparams", "7_train_ddp_fineweb",
 ]
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]  # the tiny model every CPU test uses
+TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]  # two CPU ranks (gloo)
 STEP_LINE = re.compile(r"^step\s+(\d+) \| (.*)$")
 
 

@@ -4,11 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (ROOT, TINY, assert_clean_error, load, make_examples, parse_steps, run_script, write_jsonl,
-                      write_shards)
+from conftest import (ROOT, TINY, TORCHRUN, assert_clean_error, load, make_examples, parse_steps, run_script,
+                      write_jsonl, write_shards)
 
 NAME = "7_train_ddp_fineweb"
-TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
 # float32 and eager, so that 1 and 2 processes differ only in summation order
 RUN = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "256", "--dtype", "float32",
               "--no-compile", "--eval-every", "1000", "--val-steps", "2"]

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, SCRIPTS, TINY, existing, load, main_steps, run_script, write_shards
+from conftest import ROOT, SCRIPTS, TINY, TORCHRUN, existing, load, main_steps, parse_steps, run_script, write_shards
 
 FAST = existing(SCRIPTS[5:])  # stages with SDPA, autocast, compile and vocab 50304
 RECIPE = existing(SCRIPTS[6:])  # stages with the GPT-3 recipe
@@ -189,3 +189,32 @@ def test_peak_flops_from_gpu_name(name, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce RTX 4090")
     assert m.peak_flops("cuda", torch.bfloat16, None) is None  # unknown: no mfu unless --peak-tflops
     assert m.peak_flops("cuda", torch.bfloat16, 165.0) == 165e12
+
+
+@pytest.mark.parametrize("name, nproc", [(name, 1) for name in RECIPE] + [(name, 2) for name in existing(SCRIPTS[7:])])
+def test_divergence_stops_before_the_optimizer_step(name, nproc, tmp_path):
+    """--max-lr 1e3 (float32, eager: deterministic) drives the gradient norm to inf within a few
+    steps. The run stops at that step on every rank with one error line (which step, what to try,
+    where to resume from), exit 1, no traceback; every checkpoint left (one per step) is finite."""
+    cmd = TORCHRUN + [f"{name}.py"] if nproc == 2 else None
+    every_step = ["--checkpoint-every", "1"] if name in SCRIPTS[7:] else []
+    proc = run_script(name, *CPU, *data_args(name, tmp_path), *every_step, "--max-lr", "1e3", "--warmup-steps", "2",
+                      "--steps", "20", "--dtype", "float32", "--no-compile", cmd=cmd)
+    rows = parse_steps(proc.stdout)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stdout + proc.stderr  # rank 0 alone says it
+    assert f'{name}.py", line' not in proc.stderr  # no traceback from any rank (torchrun adds its own report)
+    assert 1 <= len(rows) < 20 and all(math.isfinite(r["loss"]) and math.isfinite(r["norm"]) for r in rows)
+    # the first non-finite step is the one after the last printed step; nothing of it was applied
+    assert errors[0].startswith(f"error: step {len(rows)}: ") and ("nan" in errors[0] or "inf" in errors[0])
+    assert "a lower --max-lr" in errors[0]
+    if not every_step:
+        assert "start again" in errors[0]  # stage 6 writes no checkpoints
+        return
+    checkpoints = sorted((tmp_path / "log").glob("model_*.pt"))
+    assert [p.name for p in checkpoints] == [f"model_{n:05d}.pt" for n in range(1, len(rows) + 1)]
+    assert f"--resume from {checkpoints[-1]}," in errors[0]  # the newest, written after the last good step
+    for path in checkpoints:
+        ckpt = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values()), path
+        assert all(torch.isfinite(t).all() for s in ckpt["optimizer"]["state"].values() for t in s.values()), path
