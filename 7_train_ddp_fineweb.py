@@ -10,8 +10,8 @@ HellaSwag, starting the run"):
   ranks' share of the examples, samples from the model (all of it works with torch.compile on)
 - {log-dir}/log.txt (header: command, versions, device) and checkpoints model_{n:05d}.pt that
   --resume continues from exactly
-- long runs: a diverged run (a nan or inf loss or gradient norm) stops before the optimizer step
-  and names the checkpoint to resume from
+- long runs: SIGTERM or Ctrl-C finishes the step, saves it (all ranks stop after the same step)
+  and prints the --resume command; a diverged run names the checkpoint to resume from
 - defaults: the lecture's 10B-token run (B=64, T=1024, 19,073 steps, warmup 715); small on CPU
 
 Run:   python fineweb.py                                          (~10B tokens into 100 shards)
@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -530,7 +531,11 @@ def main(argv=None):
             f.write(log_header(device, ddp_world_size) + (f"# resumed at step {start_step}\n" if args.resume else ""))
     enc = gpt2_tokenizer()
     losses = []
-    error = None
+    got, error, stop = [0], None, 0
+    def note(signum, frame):  # SIGTERM (preemption, `timeout`; torchrun passes it on) or Ctrl-C: finish the step
+        got[0] = signum
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
+    previous_handlers = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
     for step in range(start_step, args.steps):
         last_step = step == args.steps - 1
         log_lines = []
@@ -600,21 +605,28 @@ def main(argv=None):
         if flops_peak:
             line += f" | mfu {100 * flops_step / dt / (flops_peak * ddp_world_size):.2f}"
         print0(line + f" | lr {lr:.4e} | norm {norm:.4f}")
+        stop = torch.tensor(got[0], device=device)  # a signal on any rank: all ranks stop after this step
+        if ddp:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if master_process:
             with open(log_file, "a") as f:
                 f.write("".join(f"{entry}\n" for entry in log_lines + [f"{step} train {losses[-1]:.6f}"]))
-            if (step + 1) % args.checkpoint_every == 0 or last_step:  # the state after step + 1 steps
+            if (step + 1) % args.checkpoint_every == 0 or last_step or stop:  # the state after step + 1 steps
                 path = os.path.join(args.log_dir, f"model_{step + 1:05d}.pt")
                 torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                             "config": asdict(raw_model.config), "step": step + 1, "val_loss": val_loss,
                             "loader": train_loader.state_dict(), "rng": {"cpu": torch.get_rng_state()}}, path + ".tmp")
                 os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a torn file
                 resume = f"--resume from {path}"
-
+        if stop:
+            cmd = [f"torchrun --standalone --nproc_per_node={ddp_world_size}" if ddp else "python"] + sys.argv
+            print0(f"stopped after step {step}; continue with: {' '.join(cmd)}{'' if args.resume else ' --resume'}")
+            break
+    previous_handlers = {s: signal.signal(s, h) for s, h in previous_handlers.items()}  # put back: main() may run again
     if ddp:
         dist.destroy_process_group()
-    if error:  # rank 0 says why
-        sys.exit(error if master_process else 1)
+    if error or stop:  # rank 0 says why; after a signal: 128 + its number, as a shell reports a killed process
+        sys.exit((error if master_process else 1) if error else 128 + int(stop))
     return losses
 
 

@@ -1,5 +1,12 @@
-"""Stage 7: shard loader, DDP equivalence, exact resume, checkpoints, log, bad input."""
+"""Stage 7: shard loader, DDP equivalence, exact resume, checkpoints, log, bad input, signals."""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
 
 import numpy as np
 import pytest
@@ -254,3 +261,75 @@ def test_pipeline_fineweb_to_ddp_to_stage1(tmp_path):
     idx = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx)[0], ours(idx)[0], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- signals
+
+
+def signal_run(args, signals, nproc=1, pause=0.1):
+    """Start stage 7 (under torchrun when nproc == 2), wait for its first step line, then send
+    `signals` `pause` seconds apart (to torchrun itself, which passes them on to its workers)."""
+    script = TORCHRUN + [f"{NAME}.py"] if nproc == 2 else [sys.executable, str(ROOT / f"{NAME}.py")]
+    cmd = script + [str(a) for a in RUN + list(args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = []
+    for line in proc.stdout:
+        head.append(line)
+        if line.startswith("step "):
+            break
+    for i, sig in enumerate(signals):
+        time.sleep(pause if i else 0)
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(head) + out, err)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Six uninterrupted steps: the losses that a stopped and resumed run must reproduce."""
+    tmp = tmp_path_factory.mktemp("straight")
+    shards = write_shards(tmp / "shards", [3001, 5003, 4099, 6007, 2999])
+    (tmp / "no_hellaswag.jsonl").write_text("")
+    _, rows = run7("--data-dir", shards, "--log-dir", tmp / "log", "--steps", "6")
+    return ["--data-dir", shards, "--hellaswag-file", tmp / "no_hellaswag.jsonl", "--steps", "6"], rows
+
+
+@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (1, signal.SIGINT), (2, signal.SIGTERM)])
+def test_signal_saves_the_step_and_resume_goes_on_exactly(straight, tmp_path, nproc, sig):
+    """SIGTERM or Ctrl-C mid-run: the step in progress finishes, all ranks stop after it, its checkpoint
+    is written, the printed command resumes it, and the losses equal the uninterrupted run's."""
+    data, full = straight
+    log = tmp_path / "log"
+    proc = signal_run(data + ["--log-dir", log], [sig], nproc=nproc)
+    done = parse_steps(proc.stdout)
+    n = len(done)  # steps 0 .. n-1 ran; the signal came during step 0 or 1
+    assert 1 <= n < 6, proc.stdout + proc.stderr
+    assert f'{NAME}.py", line' not in proc.stderr  # no traceback on any rank
+    if nproc == 1:
+        assert proc.returncode == 128 + sig  # as a shell reports a process the signal stopped
+    assert sorted(p.name for p in log.iterdir()) == ["log.txt", f"model_{n:05d}.pt"]  # one checkpoint, no .tmp
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"stopped after step {n - 1}; continue with: "), proc.stdout
+    command = shlex.split(last.split("continue with: ", 1)[1])
+    assert command[0] == ("torchrun" if nproc == 2 else "python") and command.count("--resume") == 1
+    resumed = subprocess.run([sys.executable] + command[1:] if nproc == 1 else command, cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    rows = done + parse_steps(resumed.stdout)
+    assert [r["step"] for r in rows] == list(range(6))
+    for a, b in zip(rows, full):  # the same process count gives the same numbers; 2 ranks agree to 1e-5
+        assert a["loss"] == pytest.approx(b["loss"], rel=0 if nproc == 1 else 1e-5)
+        assert a["norm"] == pytest.approx(b["norm"], rel=0 if nproc == 1 else 1e-5)
+
+
+def test_second_ctrl_c_stops_at_once(straight, tmp_path):
+    """Ctrl-C, then Ctrl-C again before the step ends: the run ends at once, without a checkpoint."""
+    data, _ = straight
+    log = tmp_path / "log"
+    # 64 micro-steps per step: the step in progress outlasts the 0.1 s between the two Ctrl-Cs
+    proc = signal_run(data + ["--log-dir", log, "--total-batch-size", "4096"], [signal.SIGINT, signal.SIGINT])
+    assert proc.returncode == -signal.SIGINT, proc.stdout + proc.stderr  # killed by the second one
+    assert len(parse_steps(proc.stdout)) == 1 and "stopped after" not in proc.stdout
+    assert sorted(p.name for p in log.iterdir()) == ["log.txt"]
+
