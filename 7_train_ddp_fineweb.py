@@ -11,7 +11,8 @@ HellaSwag, starting the run"):
 - {log-dir}/log.txt (header: command, versions, device) and checkpoints model_{n:05d}.pt that
   --resume continues from exactly
 - long runs: SIGTERM or Ctrl-C finishes the step, saves it (all ranks stop after the same step)
-  and prints the --resume command; a diverged run names the checkpoint to resume from
+  and prints the --resume command; a diverged run names the checkpoint to resume from; a damaged
+  or unwritable checkpoint gets one line and nothing is deleted
 - defaults: the lecture's 10B-token run (B=64, T=1024, 19,073 steps, warmup 715); small on CPU
 
 Run:   python fineweb.py                                          (~10B tokens into 100 shards)
@@ -501,8 +502,11 @@ def main(argv=None):
 
     model = GPT(config)
     model.to(device)
-    # --resume: the newest checkpoint; weights_only: it holds plain types and tensors, no pickled code
-    ckpt = torch.load(checkpoints[-1], map_location=device, weights_only=True) if args.resume else None
+    try:  # --resume: the newest checkpoint; weights_only: it holds plain types and tensors, no pickled code
+        ckpt = torch.load(checkpoints[-1], map_location=device, weights_only=True) if args.resume else None
+    except Exception as e:  # cut short (an interrupted copy, a full disk), or not a checkpoint at all
+        sys.exit(f"error: cannot load {checkpoints[-1]} ({str(e).split('.')[0] or type(e).__name__}); nothing was "
+                 f"deleted: move it out of {args.log_dir} and --resume takes the one before it" if master_process else 1)
     if ckpt:
         if ckpt["config"] != asdict(config):
             sys.exit(f"error: {checkpoints[-1]} holds a model with {ckpt['config']}, this run builds "
@@ -613,11 +617,16 @@ def main(argv=None):
                 f.write("".join(f"{entry}\n" for entry in log_lines + [f"{step} train {losses[-1]:.6f}"]))
             if (step + 1) % args.checkpoint_every == 0 or last_step or stop:  # the state after step + 1 steps
                 path = os.path.join(args.log_dir, f"model_{step + 1:05d}.pt")
-                torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "config": asdict(raw_model.config), "step": step + 1, "val_loss": val_loss,
-                            "loader": train_loader.state_dict(), "rng": {"cpu": torch.get_rng_state()}}, path + ".tmp")
-                os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a torn file
-                resume = f"--resume from {path}"
+                try:
+                    torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "config": asdict(raw_model.config), "step": step + 1, "val_loss": val_loss,
+                                "loader": train_loader.state_dict(), "rng": {"cpu": torch.get_rng_state()}}, path + ".tmp")
+                    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a torn file
+                    resume = f"--resume from {path}"
+                except (OSError, RuntimeError) as e:  # a full disk: the earlier checkpoints stay as they are
+                    if os.path.exists(path + ".tmp"):
+                        os.remove(path + ".tmp")
+                    print(f"error: could not write {path} ({e}); removed its .tmp, kept the earlier ones", file=sys.stderr)
         if stop:
             cmd = [f"torchrun --standalone --nproc_per_node={ddp_world_size}" if ddp else "python"] + sys.argv
             print0(f"stopped after step {step}; continue with: {' '.join(cmd)}{'' if args.resume else ' --resume'}")

@@ -263,7 +263,7 @@ def test_pipeline_fineweb_to_ddp_to_stage1(tmp_path):
         torch.testing.assert_close(theirs(idx)[0], ours(idx)[0], rtol=0, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------- signals
+# ---------------------------------------------------------------------------- signals, damaged and unwritable checkpoints
 
 
 def signal_run(args, signals, nproc=1, pause=0.1):
@@ -333,3 +333,35 @@ def test_second_ctrl_c_stops_at_once(straight, tmp_path):
     assert len(parse_steps(proc.stdout)) == 1 and "stopped after" not in proc.stdout
     assert sorted(p.name for p in log.iterdir()) == ["log.txt"]
 
+
+
+def test_damaged_newest_checkpoint(shards, tmp_path):
+    """A newest checkpoint cut short: one line naming it and what to do, nothing deleted or rewritten;
+    doing what it says resumes from the checkpoint before it."""
+    log = tmp_path / "log"
+    run7("--data-dir", shards, "--log-dir", log, "--steps", "2", "--checkpoint-every", "1")
+    newest = log / "model_00002.pt"
+    newest.write_bytes(newest.read_bytes()[:newest.stat().st_size // 2])  # an interrupted copy
+    before = {p.name: p.read_bytes() for p in log.iterdir()}
+    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", log, "--steps", "3", "--resume",
+                      "--hellaswag-file", shards.parent / "no_hellaswag.jsonl")
+    assert_clean_error(proc, str(newest), "move it out of", "--resume")
+    assert {p.name: p.read_bytes() for p in log.iterdir()} == before
+    newest.rename(tmp_path / "model_00002.pt.damaged")
+    proc, rows = run7("--data-dir", shards, "--log-dir", log, "--steps", "3", "--resume")
+    assert f"resuming from {log / 'model_00001.pt'}" in proc.stdout and [r["step"] for r in rows] == [1, 2]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_failed_checkpoint_write_keeps_the_earlier_ones(shards, tmp_path):
+    """A checkpoint whose write fails like on a full disk (its .tmp is /dev/full: ENOSPC): one line
+    says so, the partial .tmp is removed, the earlier checkpoint is kept, and training goes on."""
+    log = tmp_path / "log"
+    log.mkdir()
+    (log / "model_00002.pt.tmp").symlink_to("/dev/full")
+    proc, rows = run7("--data-dir", shards, "--log-dir", log, "--steps", "3", "--checkpoint-every", "1")
+    errors = [line for line in proc.stderr.splitlines() if "model_00002.pt" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: could not write {log / 'model_00002.pt'}")
+    assert "Traceback" not in proc.stderr and [r["step"] for r in rows] == [0, 1, 2]
+    assert sorted(p.name for p in log.iterdir()) == ["log.txt", "model_00001.pt", "model_00003.pt"]
+    assert [torch.load(log / f"model_{n:05d}.pt", weights_only=True)["step"] for n in (1, 3)] == [1, 3]
