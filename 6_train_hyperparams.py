@@ -8,7 +8,8 @@ up to "gradient accumulation"; the GPT-3 paper, appendix B and table 2.1):
 - gradient accumulation: each step sees --total-batch-size tokens (2**19 = 524,288, GPT-3
   125M's 0.5M) in total / (B*T) micro-steps; on CPU the default is 4 micro-steps
 - a loss or gradient norm that is nan or inf (the run diverged) stops it before the optimizer
-  step, with one line saying which step and what to try
+  step, with one line saying which step and what to try (float16: an inf gradient is the
+  scaler's to skip, only a nan/inf loss stops)
 
 Run:   python 6_train_hyperparams.py  (124M, 50 steps of 524,288 tokens each)
 Diff:  diff 5_train_speedup.py 6_train_hyperparams.py
@@ -19,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import tiktoken
@@ -229,7 +231,7 @@ class DataLoaderLite:
 # ----------------------------------------------------------------------------------------------
 # helpers
 
-# peak dense bf16 / tf32 tensor-core TFLOP/s from NVIDIA's data sheets (first match in the name)
+# peak dense bf16 (= fp16) / tf32 tensor-core TFLOP/s from NVIDIA's data sheets (first match in the name)
 PEAK_TFLOPS = {"A100": (312.0, 156.0), "H100 PCIe": (756.0, 378.0), "H100": (989.4, 494.7), "H200": (989.4, 494.7)}
 
 
@@ -249,7 +251,7 @@ def peak_flops(device_type, dtype, override_tflops):
         name = torch.cuda.get_device_name()
         for chip, (bf16, tf32) in PEAK_TFLOPS.items():
             if chip in name:
-                return (bf16 if dtype == torch.bfloat16 else tf32) * 1e12
+                return (tf32 if dtype == torch.float32 else bf16) * 1e12
     return None  # unknown chip, or a CPU: no mfu field
 
 
@@ -259,6 +261,26 @@ def flops_per_token(model, T):
     cfg = model.config
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+
+
+def autocast_supported(device_type, dtype):
+    """Ask torch whether autocast on this device runs matmuls in `dtype` (and not by emulation)."""
+    if device_type == "cuda" and dtype == torch.bfloat16:  # compute capability < 8.0 emulates it, slowly
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        with warnings.catch_warnings(), torch.autocast(device_type, dtype=dtype):
+            warnings.simplefilter("ignore")  # an unsupported dtype switches autocast off, with a warning
+            x = torch.ones(2, 2, device=device_type)
+            return (x @ x).dtype == dtype
+    except (RuntimeError, TypeError):
+        return False
+
+
+def out_of_memory(B, T, device):
+    """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
+    hint = f"try -B {B // 2} (the total batch, and so the run, stay the same)" if B > 1 else "try a smaller -T"
+    return f"error: out of memory at -B {B} -T {T} on {device} ({gib:.0f} GiB); {hint}"
 
 
 def get_lr(step, max_lr, warmup_steps, max_steps):
@@ -285,12 +307,12 @@ def divergence_error(step, loss, norm, resume):
 
 def compile_unavailable(device_type):
     """Why torch.compile cannot run here, or None: it needs Triton on a GPU, a C++ compiler on a CPU."""
-    if os.name == "nt" or device_type == "mps":
-        return f"torch.compile is not used on {'Windows' if os.name == 'nt' else 'mps'} here"
+    if device_type == "mps":
+        return "torch.compile is not used on mps here"
     if device_type == "cuda":
         from torch.utils._triton import has_triton
         return None if has_triton() else "Triton is not installed"
-    return None if shutil.which("c++") or shutil.which("g++") else "no C++ compiler found"
+    return None if shutil.which("c++") or shutil.which("g++") or shutil.which("cl") else "no C++ compiler found"
 
 
 def pick_device(name):
@@ -340,8 +362,8 @@ def main(argv=None):
     parser.add_argument("--input", default=os.path.join(HERE, "input.txt"))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on for CUDA, off elsewhere)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="autocast dtype of the forward pass")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="autocast dtype of the forward pass (float16 adds a gradient scaler)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak for mfu")
     parser.add_argument("--total-batch-size", type=int, default=None,
                         help="tokens per optimisation step: 524288 (4*B*T on CPU)")
@@ -385,15 +407,18 @@ def main(argv=None):
     # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
     # FLOP/s on an A100); activations and weights stay fp32 in memory
     torch.set_float32_matmul_precision("high")
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    if dtype == torch.bfloat16 and (device_type == "mps" or device_type == "cuda" and not torch.cuda.is_bf16_supported()):
-        print(f"{device_type}: no bf16 autocast here (pre-Ampere GPU or mps), running in float32")
-        dtype = torch.float32
+    dtype = getattr(torch, args.dtype)
+    if dtype != torch.float32 and not autocast_supported(device_type, dtype):
+        # T4, V100, RTX 20xx (compute capability < 8.0) have fp16 tensor cores, but no bf16
+        fallback = torch.float16 if autocast_supported(device_type, torch.float16) else torch.float32
+        print(f"{device_type}: no {args.dtype} autocast here, using {str(fallback)[6:]}")
+        dtype = fallback
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler", torch.float32: "off (float32)"}[dtype]
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     if use_compile and compile_unavailable(device_type):
         print(f"not compiling: {compile_unavailable(device_type)}; running eager")
         use_compile = False
-    print(f"settings: {device_type} | autocast {'bf16' if dtype == torch.bfloat16 else 'off (float32)'}"
+    print(f"settings: {device_type} | autocast {amp}"
           f" | compile {'on' if use_compile else 'off'} | tf32 matmuls | sdpa attention | vocab 50304")
 
     model = GPT(config)
@@ -404,6 +429,9 @@ def main(argv=None):
     flops_peak = peak_flops(device_type, dtype, args.peak_tflops)
     flops_step = flops_per_token(raw_model, T) * total_batch_size
     optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type=device_type)
+    # fp16 keeps 5 exponent bits: gradients below ~6e-8 flush to 0. The scaler multiplies the loss
+    # (so every gradient) by a large factor before backward and divides it out before the update
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     losses = []
     resume = "start again"  # after a divergence: this stage writes no checkpoints
     for step in range(args.steps):
@@ -415,29 +443,36 @@ def main(argv=None):
             x, y = x.to(device), y.to(device)
             # bf16 has fp32's exponent range, so no gradient scaler is needed (unlike fp16);
             # autocast runs matmuls in bf16 and keeps softmax, layernorm and the loss in fp32
-            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                logits, loss = model(x, y)
-            # backward() adds into .grad: dividing each micro-batch's mean loss by the count makes
-            # the sum the mean over all total_batch_size tokens, as one big batch would have it
-            loss = loss / grad_accum_steps
-            loss_accum += loss.detach()
-            loss.backward()
+            try:
+                with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
+                    logits, loss = model(x, y)
+                # backward() adds into .grad: dividing each micro-batch's mean loss by the count makes
+                # the sum the mean over all total_batch_size tokens, as one big batch would have it
+                loss = loss / grad_accum_steps
+                loss_accum += loss.detach()
+                scaler.scale(loss).backward()  # a no-op scale unless float16
+            except torch.OutOfMemoryError:
+                sys.exit(out_of_memory(B, T, device))
+        scaler.unscale_(optimizer)  # float16: clip the true gradients, not the scaled ones
         # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        error = divergence_error(step, loss_accum.item(), norm.item(), resume)
+        # float16: an inf/nan gradient is the scaler's to skip (see below); a nan/inf loss still stops the run
+        error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item(), resume)
         if error:
             sys.exit(error)
         lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        optimizer.step()
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
+        scaler.update()  # ... and then the scale is halved
         synchronize(device_type)
         dt = time.time() - t0
         losses.append(loss_accum.item())  # .item() waits for the device and moves the loss to the CPU
         line = f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f} | tok/s {total_batch_size / dt:.0f}"
         if flops_peak:
             line += f" | mfu {100 * flops_step / dt / flops_peak:.2f}"
-        print(line + f" | lr {lr:.4e} | norm {norm:.4f}")
+        print(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
 
     # what did it learn? sample one continuation of the prompt
     enc = gpt2_tokenizer()

@@ -3,7 +3,8 @@
 New in this stage (lecture 02:46:52-03:43:05, "distributed data parallel", "datasets used in GPT-2,
 GPT-3, FineWeb (EDU)", "validation data split, validation loss, sampling revive", "evaluation:
 HellaSwag, starting the run"):
-- DDP under torchrun (nccl on CUDA, gloo on CPU); plain `python 7_...` runs one process
+- DDP under torchrun (nccl on CUDA where torch has it, gloo otherwise), on one machine or several;
+  plain `python 7_...` runs one process
 - DataLoaderLite reads fineweb.py's uint16 shards, memory-mapped; a step's micro-batches are
   dealt round-robin to the ranks; train shards are visited in a seeded order, new each epoch
 - every --eval-every steps: val loss on the same --val-steps batches, HellaSwag acc_norm on all
@@ -28,6 +29,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -274,7 +276,7 @@ class DataLoaderLite:
 # ----------------------------------------------------------------------------------------------
 # helpers
 
-# peak dense bf16 / tf32 tensor-core TFLOP/s from NVIDIA's data sheets (first match in the name)
+# peak dense bf16 (= fp16) / tf32 tensor-core TFLOP/s from NVIDIA's data sheets (first match in the name)
 PEAK_TFLOPS = {"A100": (312.0, 156.0), "H100 PCIe": (756.0, 378.0), "H100": (989.4, 494.7), "H200": (989.4, 494.7)}
 
 
@@ -294,7 +296,7 @@ def peak_flops(device_type, dtype, override_tflops):
         name = torch.cuda.get_device_name()
         for chip, (bf16, tf32) in PEAK_TFLOPS.items():
             if chip in name:
-                return (bf16 if dtype == torch.bfloat16 else tf32) * 1e12
+                return (tf32 if dtype == torch.float32 else bf16) * 1e12
     return None  # unknown chip, or a CPU: no mfu field
 
 
@@ -304,6 +306,26 @@ def flops_per_token(model, T):
     cfg = model.config
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+
+
+def autocast_supported(device_type, dtype):
+    """Ask torch whether autocast on this device runs matmuls in `dtype` (and not by emulation)."""
+    if device_type == "cuda" and dtype == torch.bfloat16:  # compute capability < 8.0 emulates it, slowly
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        with warnings.catch_warnings(), torch.autocast(device_type, dtype=dtype):
+            warnings.simplefilter("ignore")  # an unsupported dtype switches autocast off, with a warning
+            x = torch.ones(2, 2, device=device_type)
+            return (x @ x).dtype == dtype
+    except (RuntimeError, TypeError):
+        return False
+
+
+def out_of_memory(B, T, device):
+    """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
+    hint = f"try -B {B // 2} (the total batch, and so the run, stay the same)" if B > 1 else "try a smaller -T"
+    return f"error: out of memory at -B {B} -T {T} on {device} ({gib:.0f} GiB); {hint}"
 
 
 def get_lr(step, max_lr, warmup_steps, max_steps):
@@ -330,12 +352,12 @@ def divergence_error(step, loss, norm, resume):
 
 def compile_unavailable(device_type):
     """Why torch.compile cannot run here, or None: it needs Triton on a GPU, a C++ compiler on a CPU."""
-    if os.name == "nt" or device_type == "mps":
-        return f"torch.compile is not used on {'Windows' if os.name == 'nt' else 'mps'} here"
+    if device_type == "mps":
+        return "torch.compile is not used on mps here"
     if device_type == "cuda":
         from torch.utils._triton import has_triton
         return None if has_triton() else "Triton is not installed"
-    return None if shutil.which("c++") or shutil.which("g++") else "no C++ compiler found"
+    return None if shutil.which("c++") or shutil.which("g++") or shutil.which("cl") else "no C++ compiler found"
 
 
 def pick_device(name):
@@ -400,8 +422,8 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=os.path.join(HERE, "edu_fineweb10B"))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on for CUDA, off elsewhere)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="autocast dtype of the forward pass")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="autocast dtype of the forward pass (float16 adds a gradient scaler)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak for mfu")
     parser.add_argument("--total-batch-size", type=int, default=None,
                         help="tokens per optimisation step: 524288 (4*B*T*ranks on CPU)")
@@ -430,7 +452,10 @@ def main(argv=None):
             device = "cpu"
         else:
             sys.exit(f"error: DDP runs on cuda or cpu, not --device {args.device}")
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # nccl: NVIDIA's GPU collectives, where this torch has them (not on Windows or macOS);
+        # gloo otherwise, which also all-reduces CUDA tensors, more slowly
+        backend = "nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend=backend)
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
         device = pick_device(args.device)
@@ -459,6 +484,13 @@ def main(argv=None):
     if args.n_embd % args.n_head != 0:
         sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
     checkpoints = sorted(glob.glob(os.path.join(args.log_dir, "model_*.pt")))  # names sort by n
+    if ddp and args.resume:  # every rank loads the checkpoint: on several machines, can all see it?
+        n = int(os.path.basename(checkpoints[-1])[6:-3]) if checkpoints else -1  # model_{n:05d}.pt
+        seen = torch.tensor([n, -n], device=device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN)  # (min n, -max n) over the ranks
+        if seen[0] != -seen[1]:
+            sys.exit(f"error: --resume: rank {ddp_rank} sees {os.path.basename(checkpoints[-1]) if checkpoints else 'no checkpoint'}"
+                     f" in {args.log_dir}, another rank a different one; put --log-dir on storage every node shares")
     if args.resume and not checkpoints:
         sys.exit(f"error: --resume: no model_*.pt checkpoint in {args.log_dir}; start without --resume")
     if not args.resume and checkpoints:
@@ -467,7 +499,7 @@ def main(argv=None):
     if args.hellaswag_file and not os.path.isfile(args.hellaswag_file):
         sys.exit(f"error: --hellaswag-file {args.hellaswag_file} not found")
 
-    print0(f"using device: {device}")
+    print0(f"using device: {device}" + (f" | DDP: {ddp_world_size} ranks, {backend}" if ddp else ""))
     torch.manual_seed(args.seed)
     try:
         train_loader = DataLoaderLite(args.data_dir, "train", B, T, ddp_rank, ddp_world_size, args.seed, total_batch_size)
@@ -489,15 +521,18 @@ def main(argv=None):
     # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
     # FLOP/s on an A100); activations and weights stay fp32 in memory
     torch.set_float32_matmul_precision("high")
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    if dtype == torch.bfloat16 and (device_type == "mps" or device_type == "cuda" and not torch.cuda.is_bf16_supported()):
-        print0(f"{device_type}: no bf16 autocast here (pre-Ampere GPU or mps), running in float32")
-        dtype = torch.float32
+    dtype = getattr(torch, args.dtype)
+    if dtype != torch.float32 and not autocast_supported(device_type, dtype):
+        # T4, V100, RTX 20xx (compute capability < 8.0) have fp16 tensor cores, but no bf16
+        fallback = torch.float16 if autocast_supported(device_type, torch.float16) else torch.float32
+        print0(f"{device_type}: no {args.dtype} autocast here, using {str(fallback)[6:]}")
+        dtype = fallback
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler", torch.float32: "off (float32)"}[dtype]
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     if use_compile and compile_unavailable(device_type):
         print0(f"not compiling: {compile_unavailable(device_type)}; running eager")
         use_compile = False
-    print0(f"settings: {device_type} | autocast {'bf16' if dtype == torch.bfloat16 else 'off (float32)'}"
+    print0(f"settings: {device_type} | autocast {amp}"
            f" | compile {'on' if use_compile else 'off'} | tf32 matmuls | sdpa attention | vocab 50304")
 
     model = GPT(config)
@@ -524,8 +559,13 @@ def main(argv=None):
     flops_step = flops_per_token(raw_model, T) * total_batch_size
     optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type=device_type,
                                                master_process=master_process)
+    # fp16 keeps 5 exponent bits: gradients below ~6e-8 flush to 0. The scaler multiplies the loss
+    # (so every gradient) by a large factor before backward and divides it out before the update
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):  # float16 runs only: a disabled scaler has no state
+            scaler.load_state_dict(ckpt["scaler"])
     start_step, resume = (ckpt["step"], f"--resume from {checkpoints[-1]}") if ckpt else (0, "start again")
     val_loss = ckpt["val_loss"] if ckpt else None
     log_file = os.path.join(args.log_dir, "log.txt")
@@ -551,14 +591,17 @@ def main(argv=None):
                 for _ in range(args.val_steps):
                     x, y = val_loader.next_batch()
                     x, y = x.to(device), y.to(device)
-                    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                        logits, loss = model(x, y)
+                    try:
+                        with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
+                            logits, loss = model(x, y)
+                    except torch.OutOfMemoryError:  # the (B, T, 50304) logits alone are 6.6 GB at B=64
+                        sys.exit(out_of_memory(B, T, device))
                     val_loss_accum += loss.detach() / args.val_steps
             val_loss = all_reduce_mean(val_loss_accum, ddp, ddp_world_size).item()
             print0(f"validation loss: {val_loss:.4f}")
             log_lines.append(f"{step} val {val_loss:.4f}")
             if hella:  # each rank scores every W-th example; the counts are summed over ranks
-                with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
                     counts = evaluate(lambda idx: raw_model(idx)[0], hella[ddp_rank::ddp_world_size], 8, device)
                 counts = torch.tensor(counts, dtype=torch.long, device=device)  # (n, correct, correct_norm)
                 if ddp:
@@ -585,30 +628,37 @@ def main(argv=None):
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             # bf16 has fp32's exponent range, so no gradient scaler is needed (unlike fp16);
             # autocast runs matmuls in bf16 and keeps softmax, layernorm and the loss in fp32
-            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                logits, loss = model(x, y)
-            # backward() adds into .grad: dividing each micro-batch's mean loss by the count makes
-            # the sum the mean over all total_batch_size tokens, as one big batch would have it
-            loss = loss / grad_accum_steps
-            loss_accum += loss.detach()
-            loss.backward()
+            try:
+                with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
+                    logits, loss = model(x, y)
+                # backward() adds into .grad: dividing each micro-batch's mean loss by the count makes
+                # the sum the mean over all total_batch_size tokens, as one big batch would have it
+                loss = loss / grad_accum_steps
+                loss_accum += loss.detach()
+                scaler.scale(loss).backward()  # a no-op scale unless float16
+            except torch.OutOfMemoryError:
+                sys.exit(out_of_memory(B, T, device))
         all_reduce_mean(loss_accum, ddp, ddp_world_size)  # the loss over all ranks' tokens
+        scaler.unscale_(optimizer)  # float16: clip the true gradients, not the scaled ones
         # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        error = divergence_error(step, loss_accum.item(), norm.item(), resume)
+        # float16: an inf/nan gradient is the scaler's to skip (see below); a nan/inf loss still stops the run
+        error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item(), resume)
         if error:
             break  # every rank sees the same all-reduced loss and norm: all stop here
         lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        optimizer.step()
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
+        scaler.update()  # ... and then the scale is halved
         synchronize(device_type)
         dt = time.time() - t0
         losses.append(loss_accum.item())  # .item() waits for the device and moves the loss to the CPU
         line = f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f} | tok/s {total_batch_size / dt:.0f}"
         if flops_peak:
             line += f" | mfu {100 * flops_step / dt / (flops_peak * ddp_world_size):.2f}"
-        print0(line + f" | lr {lr:.4e} | norm {norm:.4f}")
+        print0(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
         stop = torch.tensor(got[0], device=device)  # a signal on any rank: all ranks stop after this step
         if ddp:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
@@ -620,7 +670,8 @@ def main(argv=None):
                 try:
                     torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "config": asdict(raw_model.config), "step": step + 1, "val_loss": val_loss,
-                                "loader": train_loader.state_dict(), "rng": {"cpu": torch.get_rng_state()}}, path + ".tmp")
+                                "scaler": scaler.state_dict(), "loader": train_loader.state_dict(),
+                                "rng": {"cpu": torch.get_rng_state()}}, path + ".tmp")
                     os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a torn file
                     resume = f"--resume from {path}"
                 except (OSError, RuntimeError) as e:  # a full disk: the earlier checkpoints stay as they are

@@ -33,6 +33,10 @@ TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]  # two CPU ranks (
 STEP_LINE = re.compile(r"^step\s+(\d+) \| (.*)$")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run them with `python -m pytest -m gpu`")
+
+
 def existing(names):
     """The numbered scripts among `names` that exist in this checkout (later stages land later)."""
     return [n for n in names if (ROOT / f"{n}.py").exists()]

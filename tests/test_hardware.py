@@ -1,0 +1,158 @@
+"""The hardware learners own, on CPU: float16 + GradScaler (T4, V100, RTX 20xx), the autocast
+dtype chosen from what torch reports (MPS, pre-Ampere GPUs), the out-of-memory line, and
+torchrun's multi-node launch (two "nodes" on loopback)."""
+import functools
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, SCRIPTS, TINY, existing, load, main_steps, parse_steps, write_shards
+from test_ddp import NAME, RUN, run7
+
+FAST = existing(SCRIPTS[5:])  # stages 5-7 have --dtype
+CPU = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--no-compile"]
+
+
+def stage_args(name, tmp_path):
+    """Stages 5-6 train on input.txt; stage 7 on shards, with one B*T batch per step."""
+    if name == NAME:
+        shards = write_shards(tmp_path / "shards", [3001, 5003])
+        (tmp_path / "no_hellaswag.jsonl").write_text("")
+        return ["--data-dir", shards, "--log-dir", tmp_path / "log", "--eval-every", "1000", "--val-steps", "1",
+                "--hellaswag-file", tmp_path / "no_hellaswag.jsonl", "--total-batch-size", "64"]
+    return ["--total-batch-size", "64"] if name != "5_train_speedup" else []
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_float16_with_grad_scaler_tracks_float32(name, tmp_path):
+    """A dozen steps of float16 autocast + GradScaler stay within 0.05 of float32's losses."""
+    m, args = load(name), CPU + stage_args(name, tmp_path) + ["--steps", "12"]
+    out, fp16 = main_steps(m, args + ["--dtype", "float16"] + (["--log-dir", tmp_path / "log16"] if name == NAME else []))
+    assert "autocast fp16 + grad scaler" in out
+    _, fp32 = main_steps(m, args + ["--dtype", "float32"])
+    assert len(fp16) == len(fp32) == 12 and not any("skipped" in r for r in fp16)
+    assert fp16[0]["loss"] != fp32[0]["loss"]  # float16 really is on
+    for a, b in zip(fp16, fp32):
+        assert a["loss"] == pytest.approx(b["loss"], abs=0.05)
+    if name != NAME:  # stage 7's shards here are random tokens: nothing to learn
+        assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.1  # it trains
+
+
+@pytest.mark.parametrize("name", existing(SCRIPTS[5:7]))
+def test_step_with_inf_gradients_is_skipped_not_applied(name, tmp_path, monkeypatch):
+    """With a loss scale so large that float16 gradients overflow, the scaler skips the update
+    and halves the scale until the gradients fit. Every batch here is the same batch, so a step
+    changed the weights exactly when the next step's loss differs."""
+    text = tmp_path / "same.txt"
+    text.write_text(" a" * 2000)  # every token is " a"
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 24))
+    _, rows = main_steps(load(name), CPU + stage_args(name, tmp_path) +
+                         ["--input", text, "--dtype", "float16", "--steps", "20"])
+    skipped = [r.get("skipped") == 1 for r in rows]
+    assert skipped[:3] == [True] * 3 and not all(skipped)  # 2**24 overflows; 2**(24-k) at last fits
+    for r, after in zip(rows, rows[1:]):
+        assert (r["loss"] == after["loss"]) == (r.get("skipped") == 1)  # skipped <=> not applied
+        if "norm" in r:  # stage 6 prints the norm of the unscaled gradients: inf/nan when skipped
+            assert math.isfinite(r["norm"]) != (r.get("skipped") == 1)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_autocast_dtype_follows_what_torch_reports(name, tmp_path, monkeypatch):
+    """bf16 where the device runs it, else float16 with the scaler, else float32; one line says so."""
+    m, args = load(name), CPU + stage_args(name, tmp_path) + ["--steps", "1"]
+    assert m.autocast_supported("cpu", torch.bfloat16) and m.autocast_supported("cpu", torch.float16)
+    monkeypatch.setattr(m, "autocast_supported", lambda device_type, dtype: dtype == torch.float16)
+    out, _ = main_steps(m, args + ["--log-dir", tmp_path / "a"] if name == NAME else args)
+    assert "cpu: no bfloat16 autocast here, using float16" in out and "autocast fp16 + grad scaler" in out
+    monkeypatch.setattr(m, "autocast_supported", lambda device_type, dtype: False)
+    out, _ = main_steps(m, args + ["--log-dir", tmp_path / "b"] if name == NAME else args)
+    assert "cpu: no bfloat16 autocast here, using float32" in out and "autocast off (float32)" in out
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_emulated_bf16_counts_as_unsupported(name, monkeypatch):
+    """torch.cuda.is_bf16_supported() says True on a T4 (bf16 emulated, slowly); ask for the real thing."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not load(name).autocast_supported("cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("name, where", [(n, "train") for n in FAST] + [(n, "eval") for n in FAST if n == NAME])
+def test_out_of_memory_gives_one_line_with_the_batch_to_try(name, where, tmp_path, monkeypatch):
+    """In a training step (any stage) or in stage 7's evaluation."""
+    m = load(name)
+    original = m.GPT.forward
+
+    def forward(self, idx, targets=None):  # out of memory in training (grad on) or in eval (off)
+        if torch.is_grad_enabled() == (where == "train"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.14 GiB")
+        return original(self, idx, targets)
+    monkeypatch.setattr(m.GPT, "forward", forward)
+    batch = ["--total-batch-size", "256"] if name != "5_train_speedup" else []
+    with pytest.raises(SystemExit) as e:
+        main_steps(m, CPU + stage_args(name, tmp_path) + ["--steps", "1", "-B", "4"] + batch)
+    line = str(e.value.code)
+    assert "\n" not in line and line.startswith("error: out of memory at -B 4 -T 32 on cpu") and "try -B 2" in line
+    assert ("total batch, and so the run, stay the same" in line) == (name != "5_train_speedup")
+
+
+# ---------------------------------------------------------------------------- several machines
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(cwds, *args):
+    """Stage 7 on two torchrun "nodes" (one process each) meeting at a c10d rendezvous on
+    loopback, each started in its own folder: [(returncode, stdout + stderr)] per node."""
+    port = free_port()
+    procs = []
+    for cwd in cwds:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               "--rdzv-id=gpt2-test", str(ROOT / f"{NAME}.py"), *RUN, *[str(a) for a in args]]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=dict(os.environ, PYTHONUNBUFFERED="1")))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+def test_two_nodes_train_exactly_as_one_process(tmp_path):
+    shards = write_shards(tmp_path / "shards", [3001, 5003, 4099])
+    empty = tmp_path / "no_hellaswag.jsonl"
+    empty.write_text("")
+    common = ["--data-dir", shards, "--hellaswag-file", empty, "--steps", "3"]
+    _, one = run7(*common, "--log-dir", tmp_path / "one")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (rc0, out0), (rc1, out1) = two_nodes([tmp_path / "a", tmp_path / "b"], *common, "--log-dir", tmp_path / "two")
+    assert rc0 == rc1 == 0, out0 + out1
+    out = out0 if "step     0 |" in out0 else out1  # whichever node got global rank 0 prints
+    assert "DDP: 2 ranks, gloo" in out and "on each of 2 ranks" in out
+    two = parse_steps(out)
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["norm"] == pytest.approx(b["norm"], rel=1e-5)
+
+
+def test_resume_where_a_node_cannot_see_the_checkpoint(tmp_path):
+    """--log-dir log, relative: each node resolves it in its own folder, as two machines without
+    shared storage would; one of them holds the checkpoint. Each rank says so in one line."""
+    shards = write_shards(tmp_path / "shards", [3001, 5003, 4099])
+    empty = tmp_path / "no_hellaswag.jsonl"
+    empty.write_text("")
+    for node in "ab":
+        (tmp_path / node / "log").mkdir(parents=True)
+    run7("--data-dir", shards, "--hellaswag-file", empty, "--steps", "1", "--log-dir", tmp_path / "a" / "log")
+    results = two_nodes([tmp_path / "a", tmp_path / "b"], "--data-dir", shards, "--hellaswag-file", empty,
+                        "--steps", "2", "--log-dir", "log", "--resume")
+    for rc, out in results:
+        assert rc != 0
+        assert "put --log-dir on storage every node shares" in out and f'{NAME}.py", line' not in out  # no traceback
+    assert "sees model_00001.pt" in results[0][1] + results[1][1] and "sees no checkpoint" in results[0][1] + results[1][1]
