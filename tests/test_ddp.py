@@ -287,19 +287,21 @@ def signal_run(args, signals, nproc=1, pause=0.1):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """Six uninterrupted steps: the losses that a stopped and resumed run must reproduce."""
+    """Six uninterrupted steps, checkpoints after 3 and 6: the losses that a stopped and resumed run
+    must reproduce. Returns (the arguments of that run, its step rows, its log dir)."""
     tmp = tmp_path_factory.mktemp("straight")
     shards = write_shards(tmp / "shards", [3001, 5003, 4099, 6007, 2999])
     (tmp / "no_hellaswag.jsonl").write_text("")
-    _, rows = run7("--data-dir", shards, "--log-dir", tmp / "log", "--steps", "6")
-    return ["--data-dir", shards, "--hellaswag-file", tmp / "no_hellaswag.jsonl", "--steps", "6"], rows
+    _, rows = run7("--data-dir", shards, "--log-dir", tmp / "log", "--steps", "6", "--checkpoint-every", "3")
+    return ["--data-dir", shards, "--hellaswag-file", tmp / "no_hellaswag.jsonl", "--steps", "6"], rows, tmp / "log"
 
 
 @pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (1, signal.SIGINT), (2, signal.SIGTERM)])
 def test_signal_saves_the_step_and_resume_goes_on_exactly(straight, tmp_path, nproc, sig):
     """SIGTERM or Ctrl-C mid-run: the step in progress finishes, all ranks stop after it, its checkpoint
-    is written, the printed command resumes it, and the losses equal the uninterrupted run's."""
-    data, full = straight
+    is written, the printed command resumes it, and the losses equal the uninterrupted run's (Ctrl-C
+    goes through the same handler and save as SIGTERM, so only its stop is checked)."""
+    data, full, _ = straight
     log = tmp_path / "log"
     proc = signal_run(data + ["--log-dir", log], [sig], nproc=nproc)
     done = parse_steps(proc.stdout)
@@ -313,6 +315,8 @@ def test_signal_saves_the_step_and_resume_goes_on_exactly(straight, tmp_path, np
     assert last.startswith(f"stopped after step {n - 1}; continue with: "), proc.stdout
     command = shlex.split(last.split("continue with: ", 1)[1])
     assert command[0] == ("torchrun" if nproc == 2 else "python") and command.count("--resume") == 1
+    if sig == signal.SIGINT:
+        return
     resumed = subprocess.run([sys.executable] + command[1:] if nproc == 1 else command, cwd=ROOT,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -325,31 +329,36 @@ def test_signal_saves_the_step_and_resume_goes_on_exactly(straight, tmp_path, np
 
 def test_second_ctrl_c_stops_at_once(straight, tmp_path):
     """Ctrl-C, then Ctrl-C again before the step ends: the run ends at once, without a checkpoint."""
-    data, _ = straight
+    data, _, _ = straight
     log = tmp_path / "log"
-    # 64 micro-steps per step: the step in progress outlasts the 0.1 s between the two Ctrl-Cs
-    proc = signal_run(data + ["--log-dir", log, "--total-batch-size", "4096"], [signal.SIGINT, signal.SIGINT])
+    # 32 micro-steps per step (~2 s on 2 cores) outlast the 0.3 s between the two Ctrl-Cs, which in
+    # turn outlasts one tensor op, after which the first Ctrl-C's handler has run
+    proc = signal_run(data + ["--log-dir", log, "--total-batch-size", "2048"], [signal.SIGINT, signal.SIGINT],
+                      pause=0.3)
     assert proc.returncode == -signal.SIGINT, proc.stdout + proc.stderr  # killed by the second one
     assert len(parse_steps(proc.stdout)) == 1 and "stopped after" not in proc.stdout
     assert sorted(p.name for p in log.iterdir()) == ["log.txt"]
 
 
 
-def test_damaged_newest_checkpoint(shards, tmp_path):
+def test_damaged_newest_checkpoint(straight, tmp_path):
     """A newest checkpoint cut short: one line naming it and what to do, nothing deleted or rewritten;
-    doing what it says resumes from the checkpoint before it."""
+    doing what it says resumes from the checkpoint before it, with the uninterrupted run's losses."""
+    data, full, straight_log = straight
     log = tmp_path / "log"
-    run7("--data-dir", shards, "--log-dir", log, "--steps", "2", "--checkpoint-every", "1")
-    newest = log / "model_00002.pt"
+    log.mkdir()
+    for name in ("model_00003.pt", "model_00006.pt"):
+        (log / name).write_bytes((straight_log / name).read_bytes())
+    newest = log / "model_00006.pt"
     newest.write_bytes(newest.read_bytes()[:newest.stat().st_size // 2])  # an interrupted copy
     before = {p.name: p.read_bytes() for p in log.iterdir()}
-    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", log, "--steps", "3", "--resume",
-                      "--hellaswag-file", shards.parent / "no_hellaswag.jsonl")
+    proc = run_script(NAME, *RUN, *data, "--log-dir", log, "--resume")
     assert_clean_error(proc, str(newest), "move it out of", "--resume")
     assert {p.name: p.read_bytes() for p in log.iterdir()} == before
-    newest.rename(tmp_path / "model_00002.pt.damaged")
-    proc, rows = run7("--data-dir", shards, "--log-dir", log, "--steps", "3", "--resume")
-    assert f"resuming from {log / 'model_00001.pt'}" in proc.stdout and [r["step"] for r in rows] == [1, 2]
+    newest.rename(tmp_path / "model_00006.pt.damaged")
+    proc, rows = run7(*data, "--log-dir", log, "--resume")
+    assert f"resuming from {log / 'model_00003.pt'}" in proc.stdout and [r["step"] for r in rows] == [3, 4, 5]
+    assert rows == [{**r, "dt": s["dt"], "tok/s": s["tok/s"]} for r, s in zip(full[3:], rows)]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
