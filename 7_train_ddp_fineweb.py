@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from hellaswag import URL, HellaSwagError, evaluate, iterate_examples
+from hellaswag import HellaSwagError, evaluate, iterate_examples
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -396,7 +396,7 @@ def main(argv=None):
     parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
     parser.add_argument("--eval-every", type=int, default=None, help="250 (10 on CPU)")
     parser.add_argument("--val-steps", type=int, default=None, help="20 (5 on CPU)")
-    parser.add_argument("--hellaswag-file", default=None, help="a local hellaswag_val.jsonl (default: download)")
+    parser.add_argument("--hellaswag-file", default=None, help="a local HellaSwag val jsonl/parquet (default: the hub's)")
     parser.add_argument("--hellaswag-limit", type=int, default=None, help="examples per eval (0 = all; 40 on CPU)")
     parser.add_argument("--checkpoint-every", type=int, default=5000)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --log-dir")
@@ -466,9 +466,9 @@ def main(argv=None):
         dist.barrier()
     try:
         hella = list(iterate_examples("val", data_file=args.hellaswag_file))[:args.hellaswag_limit or None]
-    except HellaSwagError:
-        print0(f"HellaSwag is off for this run: could not download {URL.format(split='val')}; "
-               "pass --hellaswag-file PATH for a local copy")
+    except HellaSwagError as e:  # offline with nothing cached, no `datasets`, or not a HellaSwag file
+        print0(f"HellaSwag is off for this run: {e}" + ("" if args.hellaswag_file else
+                                                          "; pass --hellaswag-file PATH for a local copy"))
     if ddp and master_process:
         dist.barrier()
 

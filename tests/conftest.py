@@ -155,3 +155,15 @@ def make_examples(n=12, seed=0):
 def write_jsonl(path, examples):
     path.write_text("".join(json.dumps(ex) + "\n" for ex in examples))
     return path
+
+def write_hub_format(path, examples):
+    """The examples as the hub dataset Rowan/hellaswag has them (label a string, "3"), in a .jsonl
+    or a .parquet file, whichever path's suffix says."""
+    rows = [{**ex, "label": str(ex["label"])} for ex in examples]
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
+    return write_jsonl(path, rows)
+
