@@ -167,3 +167,44 @@ def write_hub_format(path, examples):
         return path
     return write_jsonl(path, rows)
 
+
+# ---------------------------------------------------------------------------- stage 7: runs, checkpoints
+
+STAGE7 = "7_train_ddp_fineweb"
+
+
+def write_checkpoint(path, seed=0):
+    """A checkpoint as stage 7 saves one, of a tiny random GPT (vocab padded to 50304) whose
+    biases and LayerNorms are non-zero (a forgotten bias or transpose shows in the logits) and
+    whose 47 padding rows of wte/lm_head are large, so that scoring or exporting them by mistake
+    changes the answers. Returns the model."""
+    from dataclasses import asdict
+    m = load(STAGE7)
+    torch.manual_seed(seed)
+    model = m.GPT(m.GPTConfig(vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
+        model.lm_head.weight[50257:].normal_(0.0, 1.0)  # 50x the real rows' std 0.02
+    optimizer = model.configure_optimizers(0.1, 6e-4, "cpu", master_process=False)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(model.config),
+                "step": 4, "val_loss": 10.9, "loader": {"epoch": 0, "shard": 0, "position": 1024},
+                "rng": {"cpu": torch.get_rng_state()}}, path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """(path, model): a checkpoint written by write_checkpoint, and the GPT it holds."""
+    path = tmp_path_factory.mktemp("checkpoint") / "model_00004.pt"
+    return path, write_checkpoint(path)
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoint, tmp_path_factory):
+    """The folder `python export_hf.py CHECKPOINT OUT_DIR` writes for that checkpoint."""
+    out = tmp_path_factory.mktemp("export") / "gpt2-ours"
+    proc = run_script("export_hf", checkpoint[0], out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
