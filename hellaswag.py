@@ -13,6 +13,7 @@ downloaded jsonl files from the GitHub repo rowanz/hellaswag, which was taken do
 --data-file reads such a jsonl, or the hub's format as .jsonl or .parquet, from disk.
 
     python hellaswag.py -m gpt2 -d cuda            # HF hub name or a save_pretrained directory
+    python hellaswag.py -m log/model_19073.pt      # a checkpoint 7_train_ddp_fineweb.py wrote
     python hellaswag.py -m gpt2 --data-file hellaswag_val.jsonl --limit 500
 
 Expected figures (the lecture's, from its hellaswag.py; not measured here, this workplace is
@@ -26,6 +27,7 @@ import argparse
 import functools
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -206,8 +208,18 @@ def evaluate(model_fn, examples, batch_size=1, device="cpu", enc=None, log_every
 # ----------------------------------------------------------------------------- main
 
 def load_model(name, device):
-    """model_fn (tokens (B, T) -> logits (B, T, 50257)) for a hub name or a save_pretrained
-    directory, in float32."""
+    """model_fn (tokens (B, T) -> logits (B, T, 50257)) for a hub name, a save_pretrained
+    directory or a checkpoint of stage 7 (a file), in float32."""
+    if name.endswith(".pt") or os.path.isfile(name):  # log/model_19073.pt
+        from export_hf import CheckpointError, gpt_from_checkpoint  # stage 7's GPT, its weights
+        try:
+            model = gpt_from_checkpoint(name)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
+        model.to(device).eval()
+        # its vocab is padded to 50304; the 47 padding ids are never real tokens, so only the first
+        # 50257 logits are scored, as GPT2LMHeadModel (and the export of these weights) scores them
+        return lambda idx: model(idx)[0][..., :50257]
     from transformers import GPT2LMHeadModel  # heavy import, only the CLI needs it
     try:
         model = GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32)
@@ -220,7 +232,8 @@ def load_model(name, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-m", "--model", default="gpt2",
-                        help="HF hub name (gpt2, gpt2-xl, ...) or a save_pretrained directory")
+                        help="HF hub name (gpt2, gpt2-xl, ...), a save_pretrained directory, or a "
+                             "checkpoint file of 7_train_ddp_fineweb.py (log/model_19073.pt)")
     parser.add_argument("-d", "--device", default="auto",
                         help="auto (first of cuda, mps, cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--split", default="val", choices=["train", "val"])  # test has no labels

@@ -248,3 +248,33 @@ def test_not_parquet(tmp_path):
     path.write_text("not parquet")
     with pytest.raises(hellaswag.HellaSwagError, match="not a parquet file"):
         list(hellaswag.iterate_examples(data_file=path))
+
+
+# ---------------------------------------------------------------------------- a stage-7 checkpoint as -m
+
+
+def test_checkpoint_scores_like_its_export(checkpoint, exported, examples, tmp_path):
+    """-m log/model_N.pt scores our GPT on its first 50257 logits: the same acc / acc_norm as the
+    exported GPT2LMHeadModel. The checkpoint's padding rows are large, so scoring all 50304
+    logits would change the answers (checked here, so this test can fail)."""
+    data = write_jsonl(tmp_path / "val.jsonl", examples)
+    ours = run_script("hellaswag", "-m", checkpoint[0], "-d", "cpu", "--data-file", data, "--batch-size", 4)
+    theirs = run_script("hellaswag", "-m", exported, "-d", "cpu", "--data-file", data, "--batch-size", 4)
+    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr
+    assert RESULT.search(ours.stdout).groups() == RESULT.search(theirs.stdout).groups()
+    model = checkpoint[1]
+    sliced = hellaswag.evaluate(lambda idx: model(idx)[0][..., :50257], examples, batch_size=4)
+    padded = hellaswag.evaluate(lambda idx: model(idx)[0], examples, batch_size=4)
+    n, acc, acc_norm = sliced
+    assert RESULT.search(ours.stdout).groups() == (f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
+    assert padded != sliced
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-a-checkpoint"])
+def test_bad_checkpoint_is_one_line(kind, examples, tmp_path):
+    data = write_jsonl(tmp_path / "val.jsonl", examples[:2])
+    path = tmp_path / "model_00004.pt"
+    if kind == "not-a-checkpoint":
+        path.write_text("not a checkpoint")
+    out = run_script("hellaswag", "-m", path, "-d", "cpu", "--data-file", data)
+    assert_clean_error(out, "model_00004.pt")
