@@ -366,11 +366,14 @@ def all_reduce_mean(t, ddp, world_size):
     return t
 
 
-def log_header(device, world_size):
+def log_header(device, world_size, model, total_batch_size, B, T):
     chip = torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine()
+    c, n_params = model.config, sum(p.numel() for p in model.parameters())
     return (f"# command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}\n"
             f"# python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__}"
-            f" | tiktoken {tiktoken.__version__}\n# device: {world_size} x {device} ({chip})\n")
+            f" | tiktoken {tiktoken.__version__}\n# device: {world_size} x {device} ({chip})\n"
+            f"# model: n_layer {c.n_layer} n_head {c.n_head} n_embd {c.n_embd} ({n_params / 1e6:.1f}M params)"
+            f" | total batch size {total_batch_size} tokens | B {B} T {T}\n")  # what plot_log.py reads
 
 
 def main(argv=None):
@@ -515,7 +518,8 @@ def main(argv=None):
     if master_process:  # a fresh run starts a new log; --resume appends to it
         os.makedirs(args.log_dir, exist_ok=True)
         with open(log_file, "a" if args.resume else "w") as f:
-            f.write(log_header(device, ddp_world_size) + (f"# resumed at step {start_step}\n" if args.resume else ""))
+            f.write(log_header(device, ddp_world_size, raw_model, total_batch_size, B, T)
+                    + (f"# resumed at step {start_step}\n" if args.resume else ""))
     enc = gpt2_tokenizer()
     losses = []
     for step in range(start_step, args.steps):

@@ -156,6 +156,7 @@ def write_jsonl(path, examples):
     path.write_text("".join(json.dumps(ex) + "\n" for ex in examples))
     return path
 
+
 def write_hub_format(path, examples):
     """The examples as the hub dataset Rowan/hellaswag has them (label a string, "3"), in a .jsonl
     or a .parquet file, whichever path's suffix says."""
@@ -171,6 +172,35 @@ def write_hub_format(path, examples):
 # ---------------------------------------------------------------------------- stage 7: runs, checkpoints
 
 STAGE7 = "7_train_ddp_fineweb"
+TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
+# float32 and eager, so that 1 and 2 processes differ only in summation order
+RUN7 = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "256", "--dtype", "float32",
+               "--no-compile", "--eval-every", "1000", "--val-steps", "2"]
+
+
+def run7(*args, nproc=1, **kw):
+    """Stage 7 on the tiny model; without a --hellaswag-file, an empty one, so that a HellaSwag
+    copy someone has in their `datasets` cache cannot change what a test sees."""
+    cmd = TORCHRUN + [f"{STAGE7}.py"] if nproc == 2 else None
+    if "--hellaswag-file" not in args:
+        empty = Path(args[args.index("--data-dir") + 1]).parent / "no_hellaswag.jsonl"
+        empty.write_text("")
+        args += ("--hellaswag-file", empty)
+    proc = run_script(STAGE7, *RUN7, *args, cmd=cmd, **kw)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, parse_steps(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def stage7_run(tmp_path_factory):
+    """The log dir of a real tiny stage-7 run: 4 steps, val loss and HellaSwag (6 examples) at
+    steps 0, 2 and 3, checkpoint model_00004.pt; shared by the plot and export tests."""
+    root = tmp_path_factory.mktemp("stage7_run")
+    shards = write_shards(root / "shards", [3001, 5003, 4099])
+    hella = write_jsonl(root / "hellaswag_val.jsonl", make_examples(6))
+    run7("--data-dir", shards, "--log-dir", root / "log", "--steps", "4", "--eval-every", "2",
+         "--hellaswag-file", hella, "--hellaswag-limit", "0")
+    return root / "log"
 
 
 def write_checkpoint(path, seed=0):

@@ -1,35 +1,15 @@
 """Stage 7: shard loader, DDP equivalence, exact resume, checkpoints, log, bad input."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import (ROOT, TINY, assert_clean_error, load, make_examples, parse_steps, run_script, write_jsonl,
-                      write_shards)
-
-NAME = "7_train_ddp_fineweb"
-TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
-# float32 and eager, so that 1 and 2 processes differ only in summation order
-RUN = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "256", "--dtype", "float32",
-              "--no-compile", "--eval-every", "1000", "--val-steps", "2"]
+from conftest import (ROOT, RUN7 as RUN, STAGE7 as NAME, TORCHRUN, assert_clean_error, load, make_examples,
+                      parse_steps, run7, run_script, write_jsonl, write_shards)
 
 
 @pytest.fixture
 def shards(tmp_path):
     return write_shards(tmp_path / "shards", [3001, 5003, 4099, 6007, 2999])
-
-
-def run7(*args, nproc=1, **kw):
-    """Stage 7 on the tiny model; without a --hellaswag-file, an empty one, so that a HellaSwag
-    file someone downloaded into the repo's cache cannot change what a test sees."""
-    cmd = TORCHRUN + [f"{NAME}.py"] if nproc == 2 else None
-    if "--hellaswag-file" not in args:
-        empty = Path(args[args.index("--data-dir") + 1]).parent / "no_hellaswag.jsonl"
-        empty.write_text("")
-        args += ("--hellaswag-file", empty)
-    proc = run_script(NAME, *RUN, *args, cmd=cmd, **kw)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc, parse_steps(proc.stdout)
 
 
 # ---------------------------------------------------------------------------- the shard loader

@@ -69,6 +69,19 @@ def test_stage1_samples_from_the_export(exported):
     assert float(proc.stdout.strip().splitlines()[-1].rsplit(" ", 1)[1]) < 1e-5
 
 
+def test_a_real_runs_checkpoint_into_an_empty_folder(stage7_run, tmp_path):
+    """The checkpoint a real (tiny) stage-7 run wrote; an existing empty OUT_DIR is fine."""
+    out = tmp_path / "out"
+    out.mkdir()
+    diff, ids = export_hf.export(stage7_run / "model_00004.pt", out)
+    assert ids == PROMPT_IDS and diff <= 1e-4
+    ours = export_hf.gpt_from_checkpoint(stage7_run / "model_00004.pt")
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf_model(out)(idx).logits - ours(idx)[0][..., :50257]).abs().max().item() <= 1e-4
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
 @pytest.mark.parametrize("kind", ["missing", "text-file", "other-torch-file", "out-dir-not-empty"])
 def test_bad_input_is_one_line_and_writes_nothing(kind, checkpoint, tmp_path):
     path, out = tmp_path / "model_00004.pt", tmp_path / "out"
