@@ -62,11 +62,13 @@ def test_greedy_generation_equals_ours(checkpoint, exported, enc):
     assert text == enc.decode(ours[0].tolist())
 
 
-def test_stage1_samples_from_the_export(exported):
-    proc = run_script("1_gpt2_hf_eval", "--model", exported, "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("> Hello, I'm a language model,") == 5
-    assert float(proc.stdout.strip().splitlines()[-1].rsplit(" ", 1)[1]) < 1e-5
+def test_stage1_samples_from_the_export(exported, capsys):
+    """`python 1_gpt2_hf_eval.py --model OUT_DIR` (its main, in this process): 5 samples, and its
+    GPT built from the folder computes what GPT2LMHeadModel does."""
+    load("1_gpt2_hf_eval").main(["--model", str(exported), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.count("> Hello, I'm a language model,") == 5
+    assert float(out.strip().splitlines()[-1].rsplit(" ", 1)[1]) < 1e-5
 
 
 def test_a_real_runs_checkpoint_into_an_empty_folder(stage7_run, tmp_path):

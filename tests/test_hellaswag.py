@@ -194,12 +194,17 @@ def test_data_file_formats(name, examples, tmp_path):
     assert list(hellaswag.iterate_examples(data_file=path)) == examples
 
 
-def test_cli_reads_hub_parquet(hf_dir, examples, reference, tmp_path):
+def score(capsys, *argv):
+    """hellaswag.py's main in this process: (acc, acc_norm, n) as it prints them."""
+    hellaswag.main([str(a) for a in argv])
+    return RESULT.search(capsys.readouterr().out).groups()
+
+
+def test_cli_reads_hub_parquet(hf_dir, examples, reference, tmp_path, capsys):
     data = write_hub_format(tmp_path / "validation.parquet", examples)
-    out = run_script("hellaswag", "-m", hf_dir, "-d", "cpu", "--data-file", data, "--batch-size", 4)
-    assert out.returncode == 0, out.stderr
     n, acc, acc_norm = counts(reference)
-    assert RESULT.search(out.stdout).groups() == (f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
+    assert score(capsys, "-m", hf_dir, "-d", "cpu", "--data-file", data, "--batch-size", 4) == (
+        f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
 
 
 def test_offline_with_nothing_cached_is_one_line(tmp_path):
@@ -253,28 +258,30 @@ def test_not_parquet(tmp_path):
 # ---------------------------------------------------------------------------- a stage-7 checkpoint as -m
 
 
-def test_checkpoint_scores_like_its_export(checkpoint, exported, examples, tmp_path):
+def test_checkpoint_scores_like_its_export(checkpoint, exported, examples, tmp_path, capsys):
     """-m log/model_N.pt scores our GPT on its first 50257 logits: the same acc / acc_norm as the
     exported GPT2LMHeadModel. The checkpoint's padding rows are large, so scoring all 50304
     logits would change the answers (checked here, so this test can fail)."""
     data = write_jsonl(tmp_path / "val.jsonl", examples)
-    ours = run_script("hellaswag", "-m", checkpoint[0], "-d", "cpu", "--data-file", data, "--batch-size", 4)
-    theirs = run_script("hellaswag", "-m", exported, "-d", "cpu", "--data-file", data, "--batch-size", 4)
-    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr
-    assert RESULT.search(ours.stdout).groups() == RESULT.search(theirs.stdout).groups()
+    ours = score(capsys, "-m", checkpoint[0], "-d", "cpu", "--data-file", data, "--batch-size", 4)
+    theirs = score(capsys, "-m", exported, "-d", "cpu", "--data-file", data, "--batch-size", 4)
+    assert ours == theirs
     model = checkpoint[1]
     sliced = hellaswag.evaluate(lambda idx: model(idx)[0][..., :50257], examples, batch_size=4)
     padded = hellaswag.evaluate(lambda idx: model(idx)[0], examples, batch_size=4)
     n, acc, acc_norm = sliced
-    assert RESULT.search(ours.stdout).groups() == (f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
+    assert ours == (f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
     assert padded != sliced
 
 
-@pytest.mark.parametrize("kind", ["missing", "not-a-checkpoint"])
-def test_bad_checkpoint_is_one_line(kind, examples, tmp_path):
+def test_bad_checkpoint_is_one_line(examples, tmp_path):
     data = write_jsonl(tmp_path / "val.jsonl", examples[:2])
     path = tmp_path / "model_00004.pt"
-    if kind == "not-a-checkpoint":
-        path.write_text("not a checkpoint")
-    out = run_script("hellaswag", "-m", path, "-d", "cpu", "--data-file", data)
-    assert_clean_error(out, "model_00004.pt")
+    out = run_script("hellaswag", "-m", path, "-d", "cpu", "--data-file", data)   # missing
+    assert_clean_error(out, "model_00004.pt", "no such checkpoint")
+    path.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag.main(["-m", str(path), "-d", "cpu", "--data-file", str(data)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "model_00004.pt is not a checkpoint" in message
+    assert len(message.splitlines()) == 1
