@@ -399,7 +399,7 @@ def main(argv=None):
     parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
     parser.add_argument("--eval-every", type=int, default=None, help="250 (10 on CPU)")
     parser.add_argument("--val-steps", type=int, default=None, help="20 (5 on CPU)")
-    parser.add_argument("--hellaswag-file", default=None, help="a local HellaSwag val jsonl/parquet (default: the hub's)")
+    parser.add_argument("--hellaswag-file", default=None, help="a local HellaSwag val .jsonl/.parquet (default: hub)")
     parser.add_argument("--hellaswag-limit", type=int, default=None, help="examples per eval (0 = all; 40 on CPU)")
     parser.add_argument("--checkpoint-every", type=int, default=5000)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --log-dir")

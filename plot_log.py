@@ -178,7 +178,8 @@ def main(argv=None):
     tokens_per_step = model[2] if model else None
     if skipped:
         print(f"skipped {skipped} line(s) that are not `STEP train|val|hella VALUE`")
-    for kind, name, pick in (("train", "train loss", min), ("val", "val loss", min), ("hella", "HellaSwag acc_norm", max)):
+    for kind, name, pick in (("train", "train loss", min), ("val", "val loss", min),
+                             ("hella", "HellaSwag acc_norm", max)):
         if streams[kind]:
             step = pick(streams[kind], key=streams[kind].get)
             print(f"{'min' if pick is min else 'max'} {name} {streams[kind][step]:.4f} at step {step}")

@@ -38,7 +38,8 @@ def test_plot_of_a_real_stage7_log(stage7_run, tmp_path):
     assert png_size(tmp_path / "log.png") == (1600, 600)  # two panels
     e = entries(log)
     assert sorted(e["train"]) == [0, 1, 2, 3] and sorted(e["val"]) == sorted(e["hella"]) == [0, 2, 3]
-    for kind, name, pick in (("train", "train loss", min), ("val", "val loss", min), ("hella", "HellaSwag acc_norm", max)):
+    for kind, name, pick in (("train", "train loss", min), ("val", "val loss", min),
+                             ("hella", "HellaSwag acc_norm", max)):
         step = pick(e[kind], key=e[kind].get)
         assert f"{'min' if pick is min else 'max'} {name} {e[kind][step]:.4f} at step {step}" in proc.stdout
     # the header records the model and the batch: 2 layers of 32 dims is no GPT-2 size, so no baselines
