@@ -40,7 +40,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from hellaswag import URL, HellaSwagError, evaluate, iterate_examples
+from hellaswag import HellaSwagError, evaluate, iterate_examples
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -402,11 +402,14 @@ def all_reduce_mean(t, ddp, world_size):
     return t
 
 
-def log_header(device, world_size):
+def log_header(device, world_size, model, total_batch_size, B, T):
     chip = torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine()
+    c, n_params = model.config, sum(p.numel() for p in model.parameters())
     return (f"# command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}\n"
             f"# python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__}"
-            f" | tiktoken {tiktoken.__version__}\n# device: {world_size} x {device} ({chip})\n")
+            f" | tiktoken {tiktoken.__version__}\n# device: {world_size} x {device} ({chip})\n"
+            f"# model: n_layer {c.n_layer} n_head {c.n_head} n_embd {c.n_embd} ({n_params / 1e6:.1f}M params)"
+            f" | total batch size {total_batch_size} tokens | B {B} T {T}\n")  # what plot_log.py reads
 
 
 def main(argv=None):
@@ -432,7 +435,7 @@ def main(argv=None):
     parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
     parser.add_argument("--eval-every", type=int, default=None, help="250 (10 on CPU)")
     parser.add_argument("--val-steps", type=int, default=None, help="20 (5 on CPU)")
-    parser.add_argument("--hellaswag-file", default=None, help="a local hellaswag_val.jsonl (default: download)")
+    parser.add_argument("--hellaswag-file", default=None, help="a local HellaSwag val .jsonl/.parquet (default: hub)")
     parser.add_argument("--hellaswag-limit", type=int, default=None, help="examples per eval (0 = all; 40 on CPU)")
     parser.add_argument("--checkpoint-every", type=int, default=5000)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --log-dir")
@@ -512,9 +515,9 @@ def main(argv=None):
         dist.barrier()
     try:
         hella = list(iterate_examples("val", data_file=args.hellaswag_file))[:args.hellaswag_limit or None]
-    except HellaSwagError:
-        print0(f"HellaSwag is off for this run: could not download {URL.format(split='val')}; "
-               "pass --hellaswag-file PATH for a local copy")
+    except HellaSwagError as e:  # offline with nothing cached, no `datasets`, or not a HellaSwag file
+        print0(f"HellaSwag is off for this run: {e}" + ("" if args.hellaswag_file else
+                                                          "; pass --hellaswag-file PATH for a local copy"))
     if ddp and master_process:
         dist.barrier()
 
@@ -572,7 +575,8 @@ def main(argv=None):
     if master_process:  # a fresh run starts a new log; --resume appends to it
         os.makedirs(args.log_dir, exist_ok=True)
         with open(log_file, "a" if args.resume else "w") as f:
-            f.write(log_header(device, ddp_world_size) + (f"# resumed at step {start_step}\n" if args.resume else ""))
+            f.write(log_header(device, ddp_world_size, raw_model, total_batch_size, B, T)
+                    + (f"# resumed at step {start_step}\n" if args.resume else ""))
     enc = gpt2_tokenizer()
     losses = []
     got, error, stop = [0], None, 0

@@ -1,20 +1,27 @@
-"""HellaSwag: download the dataset and evaluate a model on it in completion style.
+"""HellaSwag: evaluate a model on it in completion style.
 
-Each example is a context and 4 candidate endings (https://github.com/rowanz/hellaswag). GPT-2
-cannot see all four at once the way a multiple-choice prompt would, so we score completions:
-the model reads context + ending for each of the 4 endings, and the ending whose tokens get
-the lowest cross-entropy wins. `acc` takes the lowest summed loss, `acc_norm` the lowest
-average (per-token) loss, which does not penalise long endings for being long.
+Each example is a context and 4 candidate endings (Zellers et al. 2019, "HellaSwag: Can a Machine
+Really Finish Your Sentence?"). GPT-2 cannot see all four at once the way a multiple-choice
+prompt would, so we score completions: the model reads context + ending for each of the 4
+endings, and the ending whose tokens get the lowest cross-entropy wins. `acc` takes the lowest
+summed loss, `acc_norm` the lowest average (per-token) loss, which does not penalise long
+endings for being long.
+
+The data comes from the Hugging Face hub dataset Rowan/hellaswag (read with `datasets`, cached
+after the first time; our split "val" is its "validation", 10,042 examples). The lecture
+downloaded jsonl files from the GitHub repo rowanz/hellaswag, which was taken down on 2026-09-14;
+--data-file reads such a jsonl, or the hub's format as .jsonl or .parquet, from disk.
 
     python hellaswag.py -m gpt2 -d cuda            # HF hub name or a save_pretrained directory
+    python hellaswag.py -m log/model_19073.pt      # a checkpoint 7_train_ddp_fineweb.py wrote
     python hellaswag.py -m gpt2 --data-file hellaswag_val.jsonl --limit 500
 
 Expected figures (the lecture's, from its hellaswag.py; not measured here, this workplace is
 offline), on all 10,042 validation examples:
     gpt2 (124M):   acc 0.2859  acc_norm 0.2955
     gpt2-xl (1558M):           acc_norm 0.4893
-7_train_ddp_fineweb.py imports render_example, iterate_examples, get_most_likely_row (and can
-use evaluate) from here, so importing this file downloads nothing and loads no tokenizer.
+7_train_ddp_fineweb.py imports HellaSwagError, iterate_examples and evaluate from here, so
+importing this file downloads nothing, loads no tokenizer and does not import `datasets`.
 """
 import argparse
 import functools
@@ -24,18 +31,16 @@ import os
 import sys
 from pathlib import Path
 
-import requests
 import tiktoken
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
-URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / "hellaswag"
+HUB_PATH = "Rowan/hellaswag"  # the hub copy of rowanz/hellaswag's data; `label` is a string there
+HUB_SPLITS = {"train": "train", "val": "validation"}  # ours -> the hub's (test has no labels)
 
 
 class HellaSwagError(RuntimeError):
-    """Data could not be fetched; the message names the URL and says what to do instead."""
+    """The data could not be read; the message says which data and why, in one line."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,40 +54,61 @@ def gpt2_encoder():
 
 # ----------------------------------------------------------------------------- data
 
-def download(split, cache_dir=None):
-    """Path of hellaswag_{split}.jsonl in cache_dir, downloading it first if it is missing."""
-    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
-    path = cache_dir / f"hellaswag_{split}.jsonl"
-    if path.exists():
-        return path
-    url = URL.format(split=split)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # renamed into place only once complete
+def hub_rows(split, cache_dir=None):
+    """The rows of one split of the hub dataset (downloaded once, then read from the cache)."""
     try:
-        with requests.get(url, stream=True, timeout=30) as resp:
-            resp.raise_for_status()
-            total = int(resp.headers.get("content-length", 0)) or None
-            with open(tmp, "wb") as f, tqdm(total=total, unit="iB", unit_scale=True,
-                                            desc=path.name) as bar:
-                for chunk in resp.iter_content(chunk_size=1 << 16):
-                    bar.update(f.write(chunk))
-        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
-    except requests.RequestException as e:
-        raise HellaSwagError(f"could not download HellaSwag {split} from {url} "
-                             f"({type(e).__name__}); pass --data-file PATH to read a local copy"
-                             ) from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        from datasets import load_dataset  # heavy, and absent on some GPU images: only here
+    except ImportError:
+        raise HellaSwagError(f"reading the hub dataset {HUB_PATH} needs `pip install datasets`") from None
+    try:
+        return load_dataset(HUB_PATH, split=HUB_SPLITS[split], cache_dir=cache_dir)
+    except OSError as e:  # ConnectionError offline with nothing cached, DatasetNotFoundError, ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HellaSwagError(f"could not load the hub dataset {HUB_PATH} ({reason})") from None
+
+
+def file_rows(path):
+    """The rows of a local file: jsonl (the original format, or the hub's) or the hub's parquet."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq  # comes with `datasets`
+        except ImportError:
+            raise HellaSwagError(f"reading {path} needs `pip install pyarrow`") from None
+        try:
+            rows = pq.read_table(path).to_pylist()  # 10,042 rows: a few MB
+        except ValueError as e:  # pyarrow's ArrowInvalid: not a parquet file
+            raise HellaSwagError(f"{path}: not a parquet file ({str(e).splitlines()[0]})") from None
+        yield from rows
+        return
+    expected = "(jsonl expected, or a .parquet file)"
+    with open(path, encoding="utf-8") as f:
+        try:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        raise HellaSwagError(f"{path}, line {i}: not a JSON record {expected}") from None
+                    yield row
+        except UnicodeDecodeError:
+            raise HellaSwagError(f"{path}: not UTF-8 text {expected}") from None
 
 
 def iterate_examples(split="val", data_file=None, cache_dir=None):
-    """Yield the examples (dicts with ctx, endings, label, ...) of a local jsonl or a split."""
-    path = Path(data_file) if data_file else download(split, cache_dir)
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    """Yield the examples (dicts with ctx, endings, label, ...) of a local file or of a split of
+    the hub dataset, label as an int whichever format it came in."""
+    rows = file_rows(data_file) if data_file else hub_rows(split, cache_dir)
+    for i, row in enumerate(rows):
+        try:
+            example = {**row, "label": int(row["label"])}  # the hub's label is a string, "3"
+            ok = isinstance(example["ctx"], str) and len(example["endings"]) == 4 and 0 <= example["label"] < 4
+        except (KeyError, TypeError, ValueError):  # not a dict, a field missing, label "" or "x"
+            ok = False
+        if not ok:
+            raise HellaSwagError(f"{data_file or HUB_PATH}: example {i} is not a HellaSwag example "
+                                 "(a dict with ctx, 4 endings and a label 0-3)")
+        yield example
 
 
 def render_example(example, enc=None):
@@ -181,16 +207,41 @@ def evaluate(model_fn, examples, batch_size=1, device="cpu", enc=None, log_every
 
 # ----------------------------------------------------------------------------- main
 
+def load_model(name, device):
+    """model_fn (tokens (B, T) -> logits (B, T, 50257)) for a hub name, a save_pretrained
+    directory or a checkpoint of stage 7 (a file), in float32."""
+    if name.endswith(".pt") or os.path.isfile(name):  # log/model_19073.pt
+        from export_hf import CheckpointError, gpt_from_checkpoint  # stage 7's GPT, its weights
+        try:
+            model = gpt_from_checkpoint(name)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
+        model.to(device).eval()
+        # its vocab is padded to 50304; the 47 padding ids are never real tokens, so only the first
+        # 50257 logits are scored, as GPT2LMHeadModel (and the export of these weights) scores them
+        return lambda idx: model(idx)[0][..., :50257]
+    from transformers import GPT2LMHeadModel  # heavy import, only the CLI needs it
+    try:
+        model = GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32)
+    except OSError as e:  # HF raises OSError when the hub is unreachable or the name is unknown
+        sys.exit(f"error: could not load model {name!r}: {str(e).splitlines()[0]}")
+    model.to(device).eval()
+    return lambda idx: model(idx).logits
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-m", "--model", default="gpt2",
-                        help="HF hub name (gpt2, gpt2-xl, ...) or a save_pretrained directory")
+                        help="HF hub name (gpt2, gpt2-xl, ...), a save_pretrained directory, or a "
+                             "checkpoint file of 7_train_ddp_fineweb.py (log/model_19073.pt)")
     parser.add_argument("-d", "--device", default="auto",
                         help="auto (first of cuda, mps, cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--split", default="val", choices=["train", "val"])  # test has no labels
-    parser.add_argument("--data-file", default=None, help="local jsonl in the official format")
+    parser.add_argument("--data-file", default=None,
+                        help="a local copy instead of the hub: jsonl (the original format or the "
+                             "hub's) or the hub's .parquet")
     parser.add_argument("--cache-dir", default=None,
-                        help="download folder (default: hellaswag/ next to this script)")
+                        help="the `datasets` cache for the hub dataset (default: ~/.cache/huggingface)")
     parser.add_argument("--batch-size", type=int, default=1, help="examples per forward pass")
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
     parser.add_argument("--log-every", type=int, default=500, help="progress line every N examples")
@@ -205,21 +256,20 @@ def main(argv=None):
 
     try:
         gpt2_encoder()
+    except HellaSwagError as e:
+        sys.exit(f"error: {e}")
+    try:
         examples = list(itertools.islice(
             iterate_examples(args.split, args.data_file, args.cache_dir), args.limit))
-    except (HellaSwagError, OSError) as e:  # no internet, no BPE files, or no such --data-file
-        sys.exit(f"error: {e}")
+    except (HellaSwagError, OSError) as e:  # offline with nothing cached, or a bad --data-file
+        hint = "" if args.data_file else "; pass --data-file PATH to read a local copy (jsonl or parquet)"
+        sys.exit(f"error: {e}{hint}")
     if not examples:
         sys.exit("error: no examples to evaluate")
-    from transformers import GPT2LMHeadModel  # heavy import, only the CLI needs it
-    try:
-        model = GPT2LMHeadModel.from_pretrained(args.model, dtype=torch.float32)
-    except OSError as e:  # HF raises OSError when the hub is unreachable or the name is unknown
-        sys.exit(f"error: could not load model {args.model!r}: {str(e).splitlines()[0]}")
-    model.to(device).eval()
+    model_fn = load_model(args.model, device)
     print(f"evaluating {args.model} on {len(examples)} HellaSwag {args.split} examples on {device}")
-    n, correct, correct_norm = evaluate(lambda idx: model(idx).logits, examples,
-                                        args.batch_size, device, log_every=args.log_every)
+    n, correct, correct_norm = evaluate(model_fn, examples, args.batch_size, device,
+                                        log_every=args.log_every)
     print(f"acc {correct / n:.4f} acc_norm {correct_norm / n:.4f} over {n} examples")
 
 

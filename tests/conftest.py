@@ -29,7 +29,6 @@ SCRIPTS = [
     "4_train_init", "5_train_speedup", "6_train_hyperparams", "7_train_ddp_fineweb",
 ]
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]  # the tiny model every CPU test uses
-TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]  # two CPU ranks (gloo)
 STEP_LINE = re.compile(r"^step\s+(\d+) \| (.*)$")
 
 
@@ -160,3 +159,86 @@ def make_examples(n=12, seed=0):
 def write_jsonl(path, examples):
     path.write_text("".join(json.dumps(ex) + "\n" for ex in examples))
     return path
+
+
+def write_hub_format(path, examples):
+    """The examples as the hub dataset Rowan/hellaswag has them (label a string, "3"), in a .jsonl
+    or a .parquet file, whichever path's suffix says."""
+    rows = [{**ex, "label": str(ex["label"])} for ex in examples]
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
+    return write_jsonl(path, rows)
+
+
+# ---------------------------------------------------------------------------- stage 7: runs, checkpoints
+
+STAGE7 = "7_train_ddp_fineweb"
+TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
+# float32 and eager, so that 1 and 2 processes differ only in summation order
+RUN7 = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "256", "--dtype", "float32",
+               "--no-compile", "--eval-every", "1000", "--val-steps", "2"]
+
+
+def run7(*args, nproc=1, **kw):
+    """Stage 7 on the tiny model; without a --hellaswag-file, an empty one, so that a HellaSwag
+    copy someone has in their `datasets` cache cannot change what a test sees."""
+    cmd = TORCHRUN + [f"{STAGE7}.py"] if nproc == 2 else None
+    if "--hellaswag-file" not in args:
+        empty = Path(args[args.index("--data-dir") + 1]).parent / "no_hellaswag.jsonl"
+        empty.write_text("")
+        args += ("--hellaswag-file", empty)
+    proc = run_script(STAGE7, *RUN7, *args, cmd=cmd, **kw)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, parse_steps(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def stage7_run(tmp_path_factory):
+    """The log dir of a real tiny stage-7 run: 4 steps, val loss and HellaSwag (6 examples) at
+    steps 0, 2 and 3, checkpoint model_00004.pt; shared by the plot and export tests."""
+    root = tmp_path_factory.mktemp("stage7_run")
+    shards = write_shards(root / "shards", [3001, 5003, 4099])
+    hella = write_jsonl(root / "hellaswag_val.jsonl", make_examples(6))
+    run7("--data-dir", shards, "--log-dir", root / "log", "--steps", "4", "--eval-every", "2",
+         "--hellaswag-file", hella, "--hellaswag-limit", "0")
+    return root / "log"
+
+
+def write_checkpoint(path, seed=0):
+    """A checkpoint as stage 7 saves one, of a tiny random GPT (vocab padded to 50304) whose
+    biases and LayerNorms are non-zero (a forgotten bias or transpose shows in the logits) and
+    whose 47 padding rows of wte/lm_head are large, so that scoring or exporting them by mistake
+    changes the answers. Returns the model."""
+    from dataclasses import asdict
+    m = load(STAGE7)
+    torch.manual_seed(seed)
+    model = m.GPT(m.GPTConfig(vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
+        model.lm_head.weight[50257:].normal_(0.0, 1.0)  # 50x the real rows' std 0.02
+    optimizer = model.configure_optimizers(0.1, 6e-4, "cpu", master_process=False)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(model.config),
+                "step": 4, "val_loss": 10.9, "loader": {"epoch": 0, "shard": 0, "position": 1024},
+                "rng": {"cpu": torch.get_rng_state()}}, path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """(path, model): a checkpoint written by write_checkpoint, and the GPT it holds."""
+    path = tmp_path_factory.mktemp("checkpoint") / "model_00004.pt"
+    return path, write_checkpoint(path)
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoint, tmp_path_factory):
+    """The folder `python export_hf.py CHECKPOINT OUT_DIR` writes for that checkpoint."""
+    out = tmp_path_factory.mktemp("export") / "gpt2-ours"
+    proc = run_script("export_hf", checkpoint[0], out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out

@@ -5,37 +5,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 
 import numpy as np
 import pytest
 import torch
-from conftest import (ROOT, TINY, TORCHRUN, assert_clean_error, load, make_examples, parse_steps, run_script,
-                      write_jsonl, write_shards)
-
-NAME = "7_train_ddp_fineweb"
-# float32 and eager, so that 1 and 2 processes differ only in summation order
-RUN = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "256", "--dtype", "float32",
-              "--no-compile", "--eval-every", "1000", "--val-steps", "2"]
+from conftest import (ROOT, RUN7 as RUN, STAGE7 as NAME, TORCHRUN, assert_clean_error, load, make_examples,
+                      parse_steps, run7, run_script, write_jsonl, write_shards)
 
 
 @pytest.fixture
 def shards(tmp_path):
     return write_shards(tmp_path / "shards", [3001, 5003, 4099, 6007, 2999])
-
-
-def run7(*args, nproc=1, **kw):
-    """Stage 7 on the tiny model; without a --hellaswag-file, an empty one, so that a HellaSwag
-    file someone downloaded into the repo's cache cannot change what a test sees."""
-    cmd = TORCHRUN + [f"{NAME}.py"] if nproc == 2 else None
-    if "--hellaswag-file" not in args:
-        empty = Path(args[args.index("--data-dir") + 1]).parent / "no_hellaswag.jsonl"
-        empty.write_text("")
-        args += ("--hellaswag-file", empty)
-    proc = run_script(NAME, *RUN, *args, cmd=cmd, **kw)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc, parse_steps(proc.stdout)
 
 
 # ---------------------------------------------------------------------------- the shard loader
@@ -149,15 +129,14 @@ def test_log_file(shards, tmp_path):
 
 
 def test_offline_without_hellaswag_file_says_so_once_and_trains_on(shards, tmp_path):
-    if (ROOT / "hellaswag" / "hellaswag_val.jsonl").exists():
-        pytest.skip("a downloaded HellaSwag file is cached in hellaswag/: this machine is not offline")
+    """Offline with an empty `datasets` cache: one line naming the hub dataset and the flag."""
     proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path / "log", "--steps", "2",
-                      "--eval-every", "1")
+                      "--eval-every", "1", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("HellaSwag is off for this run") == 1 and "--hellaswag-file" in proc.stdout
+    off = [line for line in proc.stdout.splitlines() if "HellaSwag is off for this run" in line]
+    assert len(off) == 1 and "Rowan/hellaswag" in off[0] and "--hellaswag-file" in off[0], proc.stdout
     assert [r["step"] for r in parse_steps(proc.stdout)] == [0, 1]
     assert {kind for _, kind, _ in log_entries(tmp_path / "log")} == {"train", "val"}
-    assert not (ROOT / "hellaswag").exists() or not list((ROOT / "hellaswag").iterdir())  # nothing half-written
 
 
 def test_no_shards(tmp_path):

@@ -1,20 +1,20 @@
-"""hellaswag.py: rendering, completion-style scoring (acc vs acc_norm), batching, CLI, download.
+"""hellaswag.py: rendering, completion-style scoring (acc vs acc_norm), batching, CLI, data sources.
 
 The reference everywhere is the plain loop: for each ending, run context + ending through the
 model on its own and take the summed / mean cross-entropy of the ending's tokens.
 """
-import json
 import math
 import re
+import sys
+import types
 
 import pytest
-import requests
 import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 import hellaswag
-from conftest import make_examples, run_script, write_jsonl
+from conftest import assert_clean_error, make_examples, run_script, write_hub_format, write_jsonl
 
 RESULT = re.compile(r"^acc (\d\.\d{4}) acc_norm (\d\.\d{4}) over (\d+) examples$", re.M)
 
@@ -153,64 +153,135 @@ def test_cli_offline_hub_name(examples, tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1 and "'gpt2'" in out.stderr
 
 
-class FakeResponse:
-    """Stands in for requests' streamed response: yields `chunks`, raising any exception one."""
-    def __init__(self, chunks, status=200):
-        self.chunks, self.status, self.headers = chunks, status, {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def raise_for_status(self):
-        if self.status != 200:
-            raise requests.HTTPError(f"{self.status} Client Error")
-
-    def iter_content(self, chunk_size=1):
-        for chunk in self.chunks:
-            if isinstance(chunk, Exception):
-                raise chunk
-            yield chunk
+# ---------------------------------------------------------------------------- data sources
 
 
-URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+def test_import_does_not_import_datasets():
+    """Stage 7 imports hellaswag.py, and some GPU images have no `datasets`."""
+    code = "import sys, hellaswag; assert 'datasets' not in sys.modules, 'datasets imported'"
+    proc = run_script("hellaswag", cmd=[sys.executable, "-c", code])
+    assert proc.returncode == 0, proc.stderr
 
 
-def refuse(*args, **kwargs):
-    raise requests.ConnectionError("Failed to resolve 'raw.githubusercontent.com'")
-
-
-@pytest.mark.parametrize("get", [
-    refuse,                                                              # offline
-    lambda *a, **k: FakeResponse([], status=404),                        # HTTP error
-    lambda *a, **k: FakeResponse([b'{"ind": 0, "ctx": "half', requests.ConnectionError("reset")]),
-], ids=["offline", "http404", "cut-mid-stream"])
-def test_download_failure_is_clear_and_leaves_nothing(monkeypatch, tmp_path, get):
-    monkeypatch.setattr(hellaswag.requests, "get", get)
-    cache = tmp_path / "cache"
-    with pytest.raises(hellaswag.HellaSwagError, match=re.escape(URL)) as info:
-        list(hellaswag.iterate_examples("val", cache_dir=cache))
-    assert "--data-file" in str(info.value)
-    assert not cache.exists() or list(cache.iterdir()) == []             # no half-written file
-    with pytest.raises(SystemExit) as exit_info:                         # the CLI: one line
-        hellaswag.main(["-m", "unused", "--cache-dir", str(cache)])
-    message = str(exit_info.value.code)
-    assert URL in message and len(message.splitlines()) == 1
-    assert not cache.exists() or list(cache.iterdir()) == []
-
-
-def test_download_writes_cache_once(monkeypatch, tmp_path, examples):
-    payload = "".join(json.dumps(ex) + "\n" for ex in examples).encode()
+@pytest.fixture
+def fake_datasets(monkeypatch, examples):
+    """A stand-in `datasets` module whose load_dataset records its arguments and returns the
+    examples in the hub's format (label a string)."""
     calls = []
 
-    def get(url, **kwargs):
-        calls.append(url)
-        assert kwargs.get("stream") and kwargs.get("timeout")
-        return FakeResponse([payload[i:i + 100] for i in range(0, len(payload), 100)])
-    monkeypatch.setattr(hellaswag.requests, "get", get)
-    assert list(hellaswag.iterate_examples("val", cache_dir=tmp_path)) == examples
-    assert calls == [URL] and sorted(p.name for p in tmp_path.iterdir()) == ["hellaswag_val.jsonl"]
-    monkeypatch.setattr(hellaswag.requests, "get", refuse)               # now served from cache
-    assert list(hellaswag.iterate_examples("val", cache_dir=tmp_path)) == examples
+    def load_dataset(path, split=None, cache_dir=None):
+        calls.append((path, split, cache_dir))
+        return [{**ex, "label": str(ex["label"])} for ex in examples]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_hub_source_split_names_and_int_labels(fake_datasets, examples):
+    assert list(hellaswag.iterate_examples("val")) == examples           # labels back to ints
+    assert list(hellaswag.iterate_examples("train", cache_dir="c")) == examples
+    assert fake_datasets == [("Rowan/hellaswag", "validation", None), ("Rowan/hellaswag", "train", "c")]
+    assert all(type(ex["label"]) is int for ex in hellaswag.iterate_examples("val"))
+
+
+@pytest.mark.parametrize("name", ["original.jsonl", "hub.jsonl", "hub.parquet"])
+def test_data_file_formats(name, examples, tmp_path):
+    """The original jsonl (label an int) and the hub's format (label a string) as jsonl or
+    parquet all give the same examples, labels as ints."""
+    path = tmp_path / name
+    (write_jsonl if name.startswith("original") else write_hub_format)(path, examples)
+    if name.startswith("hub"):
+        assert all(type(row["label"]) is str for row in hellaswag.file_rows(path))   # really the hub's
+    assert list(hellaswag.iterate_examples(data_file=path)) == examples
+
+
+def score(capsys, *argv):
+    """hellaswag.py's main in this process: (acc, acc_norm, n) as it prints them."""
+    hellaswag.main([str(a) for a in argv])
+    return RESULT.search(capsys.readouterr().out).groups()
+
+
+def test_cli_reads_hub_parquet(hf_dir, examples, reference, tmp_path, capsys):
+    data = write_hub_format(tmp_path / "validation.parquet", examples)
+    n, acc, acc_norm = counts(reference)
+    assert score(capsys, "-m", hf_dir, "-d", "cpu", "--data-file", data, "--batch-size", 4) == (
+        f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
+
+
+def test_offline_with_nothing_cached_is_one_line(tmp_path):
+    """The real `datasets`, offline, with an empty cache: one line naming the dataset and the flag."""
+    out = run_script("hellaswag", "-m", "unused", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert_clean_error(out, "Rowan/hellaswag", "--data-file")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_without_datasets_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)                   # import datasets -> ImportError
+    with pytest.raises(hellaswag.HellaSwagError, match=r"Rowan/hellaswag.*pip install datasets"):
+        list(hellaswag.iterate_examples("val"))
+    with pytest.raises(SystemExit) as exit_info:                         # the CLI adds the way out
+        hellaswag.main(["-m", "unused"])
+    assert str(exit_info.value.code).startswith("error: ") and "--data-file" in str(exit_info.value.code)
+
+
+def test_hub_failure_becomes_hellaswag_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (OfflineModeIsEnabled)")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(hellaswag.HellaSwagError, match="hub dataset Rowan/hellaswag .*OfflineModeIsEnabled"):
+        list(hellaswag.iterate_examples("val"))
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1}\n{"ctx": "half', "line 2: not a JSON record"),
+    ('{"text": "a FineWeb document, not HellaSwag"}\n', "example 0 is not a HellaSwag example"),
+    ('{"ctx": "a", "endings": ["b", "c"], "label": "1"}\n', "example 0 is not a HellaSwag example"),
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": ""}\n', "example 0 is not a HellaSwag example"),
+], ids=["cut-off", "not-hellaswag", "two-endings", "test-split-label"])
+def test_bad_data_file_is_one_line(content, needle, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(hellaswag.HellaSwagError, match=re.escape(needle)):
+        list(hellaswag.iterate_examples(data_file=path))
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag.main(["-m", "unused", "--data-file", str(path)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and needle in message and len(message.splitlines()) == 1
+
+
+def test_not_parquet(tmp_path):
+    path = tmp_path / "val.parquet"
+    path.write_text("not parquet")
+    with pytest.raises(hellaswag.HellaSwagError, match="not a parquet file"):
+        list(hellaswag.iterate_examples(data_file=path))
+
+
+# ---------------------------------------------------------------------------- a stage-7 checkpoint as -m
+
+
+def test_checkpoint_scores_like_its_export(checkpoint, exported, examples, tmp_path, capsys):
+    """-m log/model_N.pt scores our GPT on its first 50257 logits: the same acc / acc_norm as the
+    exported GPT2LMHeadModel. The checkpoint's padding rows are large, so scoring all 50304
+    logits would change the answers (checked here, so this test can fail)."""
+    data = write_jsonl(tmp_path / "val.jsonl", examples)
+    ours = score(capsys, "-m", checkpoint[0], "-d", "cpu", "--data-file", data, "--batch-size", 4)
+    theirs = score(capsys, "-m", exported, "-d", "cpu", "--data-file", data, "--batch-size", 4)
+    assert ours == theirs
+    model = checkpoint[1]
+    sliced = hellaswag.evaluate(lambda idx: model(idx)[0][..., :50257], examples, batch_size=4)
+    padded = hellaswag.evaluate(lambda idx: model(idx)[0], examples, batch_size=4)
+    n, acc, acc_norm = sliced
+    assert ours == (f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
+    assert padded != sliced
+
+
+def test_bad_checkpoint_is_one_line(examples, tmp_path):
+    data = write_jsonl(tmp_path / "val.jsonl", examples[:2])
+    path = tmp_path / "model_00004.pt"
+    out = run_script("hellaswag", "-m", path, "-d", "cpu", "--data-file", data)   # missing
+    assert_clean_error(out, "model_00004.pt", "no such checkpoint")
+    path.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag.main(["-m", str(path), "-d", "cpu", "--data-file", str(data)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "model_00004.pt is not a checkpoint" in message
+    assert len(message.splitlines()) == 1
