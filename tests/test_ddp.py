@@ -306,18 +306,18 @@ def test_signal_saves_the_step_and_resume_goes_on_exactly(straight, tmp_path, np
         assert a["norm"] == pytest.approx(b["norm"], rel=0 if nproc == 1 else 1e-5)
 
 
-def test_second_ctrl_c_stops_at_once(straight, tmp_path):
+def test_second_ctrl_c_stops_at_once(tmp_path):
     """Ctrl-C, then Ctrl-C again before the step ends: the run ends at once, without a checkpoint."""
-    data, _, _ = straight
+    shards = write_shards(tmp_path / "shards", [1000, 20000])  # one shard holds a step of 8,192 tokens
+    (tmp_path / "no_hellaswag.jsonl").write_text("")
     log = tmp_path / "log"
-    # 32 micro-steps per step (~2 s on 2 cores) outlast the 0.3 s between the two Ctrl-Cs, which in
-    # turn outlasts one tensor op, after which the first Ctrl-C's handler has run
-    proc = signal_run(data + ["--log-dir", log, "--total-batch-size", "2048"], [signal.SIGINT, signal.SIGINT],
-                      pause=0.3)
+    # 128 micro-steps per step (~2 s on 2 idle cores) outlast the 0.2 s between the two Ctrl-Cs, which
+    # in turn outlasts one tensor op, after which the first Ctrl-C's handler has run
+    proc = signal_run(["--data-dir", shards, "--hellaswag-file", tmp_path / "no_hellaswag.jsonl", "--steps", "3",
+                       "--log-dir", log, "--total-batch-size", "8192"], [signal.SIGINT, signal.SIGINT], pause=0.2)
     assert proc.returncode == -signal.SIGINT, proc.stdout + proc.stderr  # killed by the second one
     assert len(parse_steps(proc.stdout)) == 1 and "stopped after" not in proc.stdout
     assert sorted(p.name for p in log.iterdir()) == ["log.txt"]
-
 
 
 def test_damaged_newest_checkpoint(straight, tmp_path):
