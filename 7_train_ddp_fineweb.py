@@ -687,7 +687,8 @@ def main(argv=None):
             print0(f"stopped after step {step}; continue with: {' '.join(cmd)}{'' if args.resume else ' --resume'}")
             break
     previous_handlers = {s: signal.signal(s, h) for s, h in previous_handlers.items()}  # put back: main() may run again
-    if ddp:
+    if ddp:  # wait for rank 0's last checkpoint: a rank that tears down gloo early can abort
+        dist.barrier()
         dist.destroy_process_group()
     if error or stop:  # rank 0 says why; after a signal: 128 + its number, as a shell reports a killed process
         sys.exit((error if master_process else 1) if error else 128 + int(stop))
