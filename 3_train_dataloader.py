@@ -157,7 +157,7 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774
 # ----------------------------------------------------------------------------------------------
 # data
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # input.txt and outputs live beside the script
+HERE = os.path.dirname(os.path.abspath(__file__))  # data, logs and outputs live beside the script
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 

@@ -175,7 +175,7 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774
 # ----------------------------------------------------------------------------------------------
 # data
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # input.txt and outputs live beside the script
+HERE = os.path.dirname(os.path.abspath(__file__))  # data, logs and outputs live beside the script
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
@@ -335,7 +335,7 @@ def main(argv=None):
     config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     device = pick_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
-    # the lecture's values are for a GPU (B=16, T=1024: minutes per step on a CPU); flags override
+    # the lecture's values are for GPUs (on a CPU they take minutes per step); flags override
     full, small = dict(batch_size=16, seq_len=1024), dict(batch_size=4, seq_len=128)
     unset = [k for k in full if getattr(args, k) is None]
     for k in unset:

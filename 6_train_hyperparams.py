@@ -139,18 +139,18 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, log=print):
         # decay the 2-D tensors (matmul weights, embeddings); biases and LayerNorm gains are
         # few and shifting/scaling, so pulling them toward 0 only hurts (GPT-3: wd 0.1)
         params = [p for p in self.parameters() if p.requires_grad]  # tied wte/lm_head: once
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        print(f"decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-        print(f"non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        log(f"decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+        log(f"non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # fused: one kernel updates all parameters, instead of a loop of small kernels per tensor
         use_fused = device_type == "cuda"
-        print(f"using fused AdamW: {use_fused}")
+        log(f"using fused AdamW: {use_fused}")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=use_fused)
 
     @classmethod
@@ -189,7 +189,7 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774
 # ----------------------------------------------------------------------------------------------
 # data
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # input.txt and outputs live beside the script
+HERE = os.path.dirname(os.path.abspath(__file__))  # data, logs and outputs live beside the script
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
@@ -375,7 +375,7 @@ def main(argv=None):
     config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     device = pick_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
-    # the lecture's values are for a GPU (B=16, T=1024: minutes per step on a CPU); flags override
+    # the lecture's values are for GPUs (on a CPU they take minutes per step); flags override
     full, small = dict(batch_size=16, seq_len=1024), dict(batch_size=4, seq_len=128)
     unset = [k for k in full if getattr(args, k) is None]
     for k in unset:

@@ -153,20 +153,18 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type, master_process=True):
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, log=print):
         # decay the 2-D tensors (matmul weights, embeddings); biases and LayerNorm gains are
         # few and shifting/scaling, so pulling them toward 0 only hurts (GPT-3: wd 0.1)
         params = [p for p in self.parameters() if p.requires_grad]  # tied wte/lm_head: once
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        if master_process:
-            print(f"decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-            print(f"non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        log(f"decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+        log(f"non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # fused: one kernel updates all parameters, instead of a loop of small kernels per tensor
         use_fused = device_type == "cuda"
-        if master_process:
-            print(f"using fused AdamW: {use_fused}")
+        log(f"using fused AdamW: {use_fused}")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=use_fused)
 
     @classmethod
@@ -465,7 +463,7 @@ def main(argv=None):
     master_process = ddp_rank == 0  # rank 0 prints, logs, samples and saves checkpoints
     print0 = print if master_process else lambda *a, **k: None
     device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
-    # the lecture's values are for GPUs (the full run: 10B tokens, ~2 h on 8 A100s); flags override
+    # the lecture's values are for GPUs (on a CPU they take minutes per step); flags override
     full = dict(batch_size=64, seq_len=1024, steps=19073, warmup_steps=715, eval_every=250, val_steps=20, hellaswag_limit=0)
     small = dict(batch_size=4, seq_len=128, steps=50, warmup_steps=10, eval_every=10, val_steps=5, hellaswag_limit=40)
     unset = [k for k in full if getattr(args, k) is None]
@@ -481,19 +479,20 @@ def main(argv=None):
     grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
     print0(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps of B*T = {B * T:,}"
            f" on each of {ddp_world_size} ranks")
-    if min(B, T, args.steps, args.eval_every, args.val_steps, args.checkpoint_every) < 1 or not 1 <= T <= config.block_size:
-        sys.exit(f"error: need B, steps, eval/val/checkpoint counts >= 1 and 1 <= T <= block size "
-                 f"{config.block_size} (got B={B}, T={T}, steps={args.steps})")
+    if min(B, T, args.steps) < 1 or not 1 <= T <= config.block_size:
+        sys.exit(f"error: need B >= 1, steps >= 1 and 1 <= T <= block size {config.block_size} "
+                 f"(got B={B}, T={T}, steps={args.steps})")
+    if min(args.eval_every, args.val_steps, args.checkpoint_every) < 1:
+        sys.exit("error: --eval-every, --val-steps and --checkpoint-every must be >= 1")
     if args.n_embd % args.n_head != 0:
         sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
     checkpoints = sorted(glob.glob(os.path.join(args.log_dir, "model_*.pt")))  # names sort by n
-    if ddp and args.resume:  # every rank loads the checkpoint: on several machines, can all see it?
-        n = int(os.path.basename(checkpoints[-1])[6:-3]) if checkpoints else -1  # model_{n:05d}.pt
-        seen = torch.tensor([n, -n], device=device)
-        dist.all_reduce(seen, op=dist.ReduceOp.MIN)  # (min n, -max n) over the ranks
-        if seen[0] != -seen[1]:
-            sys.exit(f"error: --resume: rank {ddp_rank} sees {os.path.basename(checkpoints[-1]) if checkpoints else 'no checkpoint'}"
-                     f" in {args.log_dir}, another rank a different one; put --log-dir on storage every node shares")
+    if ddp and args.resume:  # every rank loads the newest checkpoint: on several machines, do all see it?
+        seen = [None] * ddp_world_size
+        dist.all_gather_object(seen, os.path.basename(checkpoints[-1]) if checkpoints else "none")
+        if len(set(seen)) > 1:
+            sys.exit(f"error: --resume: the newest checkpoint in {args.log_dir}, rank by rank: {', '.join(seen)}; "
+                     "put --log-dir on storage every node shares")
     if args.resume and not checkpoints:
         sys.exit(f"error: --resume: no model_*.pt checkpoint in {args.log_dir}; start without --resume")
     if not args.resume and checkpoints:
@@ -561,7 +560,7 @@ def main(argv=None):
     flops_peak = peak_flops(device_type, dtype, args.peak_tflops)
     flops_step = flops_per_token(raw_model, T) * total_batch_size
     optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type=device_type,
-                                               master_process=master_process)
+                                               log=print0)
     # fp16 keeps 5 exponent bits: gradients below ~6e-8 flush to 0. The scaler multiplies the loss
     # (so every gradient) by a large factor before backward and divides it out before the update
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
@@ -587,7 +586,7 @@ def main(argv=None):
     for step in range(start_step, args.steps):
         last_step = step == args.steps - 1
         log_lines = []
-        if step % args.eval_every == 0 or last_step:
+        if step % args.eval_every == 0 or last_step:  # evaluation is not part of the step time
             model.eval()
             val_loader.reset()  # the same val batches every time
             with torch.no_grad():
@@ -622,7 +621,7 @@ def main(argv=None):
                 print(f"sample {i}: {enc.decode(row.tolist())}")
             raw_model.train()
 
-        t0 = time.time()  # evaluation above is not part of the step time
+        t0 = time.time()
         optimizer.zero_grad()
         loss_accum = 0.0
         for micro_step in range(grad_accum_steps):

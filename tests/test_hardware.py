@@ -155,4 +155,5 @@ def test_resume_where_a_node_cannot_see_the_checkpoint(tmp_path):
     for rc, out in results:
         assert rc != 0
         assert "put --log-dir on storage every node shares" in out and f'{NAME}.py", line' not in out  # no traceback
-    assert "sees model_00001.pt" in results[0][1] + results[1][1] and "sees no checkpoint" in results[0][1] + results[1][1]
+    both = results[0][1] + results[1][1]  # which node got rank 0 is the rendezvous's choice
+    assert "rank by rank: model_00001.pt, none;" in both or "rank by rank: none, model_00001.pt;" in both
