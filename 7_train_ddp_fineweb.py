@@ -9,8 +9,9 @@ HellaSwag, starting the run"):
   dealt round-robin to the ranks; train shards are visited in a seeded order, new each epoch
 - every --eval-every steps: val loss on the same --val-steps batches, HellaSwag acc_norm on all
   ranks' share of the examples, samples from the model (all of it works with torch.compile on)
-- {log-dir}/log.txt (header: command, versions, device) and checkpoints model_{n:05d}.pt that
-  --resume continues from exactly
+- {log-dir}/log.txt (header: command, versions, device, model size, batch; plot_log.py draws it)
+  and checkpoints model_{n:05d}.pt that --resume continues from exactly (export_hf.py, hellaswag.py
+  -m read them)
 - long runs: SIGTERM or Ctrl-C finishes the step, saves it (all ranks stop after the same step)
   and prints the --resume command; a diverged run names the checkpoint to resume from; a damaged
   or unwritable checkpoint gets one line and nothing is deleted
