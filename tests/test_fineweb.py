@@ -1,5 +1,6 @@
 """fineweb.py on a small local corpus: the shard contract (DESIGN.md, contract 4), byte-identity
 with the lecture's loop, every input format, resume after an interruption, clear errors."""
+import importlib
 import io
 import json
 import random
@@ -8,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, run_script
 
@@ -299,3 +301,20 @@ def test_import_has_no_side_effects_and_default_dir_is_beside_script(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "fineweb.py"), "--max-shards", "0",
                         "--data-files", str(data)], cwd=tmp_path, capture_output=True, text=True)
     assert str(ROOT / "edu_fineweb10B") in r.stdout + r.stderr
+
+
+def test_bench_shards_are_shards_stage7_reads(tmp_path, enc):
+    """benchmarks/make_bench_shards.py (timing stage 7 without FineWeb-Edu): fineweb.py's layout,
+    tiny Shakespeare's tokens repeated, read by stage 7's loader."""
+    out = tmp_path / "bench"
+    r = run_script("make_bench_shards", "--out-dir", out, "--shard-size", "400000", "--val-size", "5000",
+                   cmd=[sys.executable, str(ROOT / "benchmarks" / "make_bench_shards.py")])
+    assert r.returncode == 0, r.stderr
+    shards = sorted(p.name for p in out.glob("*.npy"))
+    assert shards == ["edufineweb_train_000001.npy", "edufineweb_train_000002.npy", "edufineweb_val_000000.npy"]
+    text = enc.encode((ROOT / "input.txt").read_text(encoding="utf-8"))
+    val = np.load(out / shards[2])
+    assert val.dtype == np.uint16 and val[0] == 50256 and val[1:5000].tolist() == text[:4999]
+    loader = importlib.import_module("7_train_ddp_fineweb").DataLoaderLite(str(out), "train", 4, 64, 0, 1)
+    x, y = loader.next_batch()
+    assert x.shape == (4, 64) and torch.equal(x.flatten()[1:], y.flatten()[:-1])
