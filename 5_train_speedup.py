@@ -2,7 +2,8 @@
 
 New in this stage (lecture 01:22:18-02:14:55, "Section 2: Let's make it fast"):
 - step timing that is honest: wait for the GPU (CUDA, MPS) before reading the clock; each step
-  line adds dt (ms), tok/s and, on a known GPU, mfu (% of the chip's peak bf16 FLOP/s)
+  line adds dt (ms), tok/s and, on a known GPU, mfu (% of the chip's peak bf16/fp16 FLOP/s,
+  tf32's for float32)
 - TF32 matmuls, bf16 autocast for the forward pass (--dtype), torch.compile (--compile)
 - --dtype float16 for GPUs without bf16 (T4, V100; picked for you there): fp16 has only 5 exponent
   bits, so small gradients underflow to 0 unless a GradScaler scales the loss up first; bf16 has
@@ -391,7 +392,7 @@ def main(argv=None):
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
         # bf16 has fp32's exponent range, so no gradient scaler is needed (unlike fp16);
-        # autocast runs matmuls in bf16 and keeps softmax, layernorm and the loss in fp32
+        # autocast runs matmuls in bf16 (fp16) and keeps softmax, layernorm and the loss in fp32
         try:
             with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
                 logits, loss = model(x, y)
@@ -400,7 +401,7 @@ def main(argv=None):
             sys.exit(out_of_memory(B, T, device))
         scale = scaler.get_scale()
         scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
-        scaler.update()  # ... and then the scale is halved
+        scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
         synchronize(device_type)
         dt = time.time() - t0
         losses.append(loss.item())  # .item() waits for the device and moves the loss to the CPU

@@ -383,6 +383,9 @@ def main(argv=None):
     if device_type == "cpu" and unset:
         print("cpu: small defaults " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in unset))
     B, T = args.batch_size, args.seq_len
+    if min(B, T, args.steps) < 1 or not 1 <= T <= config.block_size:
+        sys.exit(f"error: need B >= 1, steps >= 1 and 1 <= T <= block size {config.block_size} "
+                 f"(got B={B}, T={T}, steps={args.steps})")
     total_batch_size = args.total_batch_size or (524288 if device_type != "cpu" else 4 * B * T)
     if device_type == "cpu" and args.total_batch_size is None:
         print(f"cpu: using --total-batch-size {total_batch_size} (the lecture's 524288 is for a GPU)")
@@ -391,9 +394,6 @@ def main(argv=None):
                  f"B*T = {B * T}; change it or -B/-T")
     grad_accum_steps = total_batch_size // (B * T)
     print(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps of B*T = {B * T:,}")
-    if min(B, T, args.steps) < 1 or not 1 <= T <= config.block_size:
-        sys.exit(f"error: need B >= 1, steps >= 1 and 1 <= T <= block size {config.block_size} "
-                 f"(got B={B}, T={T}, steps={args.steps})")
     if args.n_embd % args.n_head != 0:
         sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
 
@@ -442,7 +442,7 @@ def main(argv=None):
             x, y = train_loader.next_batch()
             x, y = x.to(device), y.to(device)
             # bf16 has fp32's exponent range, so no gradient scaler is needed (unlike fp16);
-            # autocast runs matmuls in bf16 and keeps softmax, layernorm and the loss in fp32
+            # autocast runs matmuls in bf16 (fp16) and keeps softmax, layernorm and the loss in fp32
             try:
                 with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
                     logits, loss = model(x, y)
@@ -465,7 +465,7 @@ def main(argv=None):
             param_group["lr"] = lr
         scale = scaler.get_scale()
         scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
-        scaler.update()  # ... and then the scale is halved
+        scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
         synchronize(device_type)
         dt = time.time() - t0
         losses.append(loss_accum.item())  # .item() waits for the device and moves the loss to the CPU

@@ -473,6 +473,9 @@ def main(argv=None):
     if device_type == "cpu" and unset:
         print0("cpu: small defaults " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in unset))
     B, T = args.batch_size, args.seq_len
+    if min(B, T, args.steps) < 1 or not 1 <= T <= config.block_size:
+        sys.exit(f"error: need B >= 1, steps >= 1 and 1 <= T <= block size {config.block_size} "
+                 f"(got B={B}, T={T}, steps={args.steps})")
     total_batch_size = args.total_batch_size or (524288 if device_type != "cpu" else 4 * B * T * ddp_world_size)
     if total_batch_size < 1 or total_batch_size % (B * T * ddp_world_size) != 0:
         sys.exit(f"error: --total-batch-size {total_batch_size} is not a positive multiple of "
@@ -480,9 +483,6 @@ def main(argv=None):
     grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
     print0(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps of B*T = {B * T:,}"
            f" on each of {ddp_world_size} ranks")
-    if min(B, T, args.steps) < 1 or not 1 <= T <= config.block_size:
-        sys.exit(f"error: need B >= 1, steps >= 1 and 1 <= T <= block size {config.block_size} "
-                 f"(got B={B}, T={T}, steps={args.steps})")
     if min(args.eval_every, args.val_steps, args.checkpoint_every) < 1:
         sys.exit("error: --eval-every, --val-steps and --checkpoint-every must be >= 1")
     if args.n_embd % args.n_head != 0:
@@ -520,6 +520,8 @@ def main(argv=None):
                                                           "; pass --hellaswag-file PATH for a local copy"))
     if ddp and master_process:
         dist.barrier()
+    if ddp and all_reduce_mean(torch.tensor(float(bool(hella)), device=device), ddp, ddp_world_size) < 1:
+        hella = None  # every rank scores a share: all have the examples, or none scores them
 
     # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
     # FLOP/s on an A100); activations and weights stay fp32 in memory
@@ -606,7 +608,7 @@ def main(argv=None):
             log_lines.append(f"{step} val {val_loss:.4f}")
             if hella:  # each rank scores every W-th example; the counts are summed over ranks
                 with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
-                    counts = evaluate(lambda idx: raw_model(idx)[0], hella[ddp_rank::ddp_world_size], 8, device)
+                    counts = evaluate(lambda idx: raw_model(idx)[0][..., :50257], hella[ddp_rank::ddp_world_size], 8, device)
                 counts = torch.tensor(counts, dtype=torch.long, device=device)  # (n, correct, correct_norm)
                 if ddp:
                     dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -631,7 +633,7 @@ def main(argv=None):
             if ddp:  # all-reduce the gradients only once, in the last micro-step's backward
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             # bf16 has fp32's exponent range, so no gradient scaler is needed (unlike fp16);
-            # autocast runs matmuls in bf16 and keeps softmax, layernorm and the loss in fp32
+            # autocast runs matmuls in bf16 (fp16) and keeps softmax, layernorm and the loss in fp32
             try:
                 with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
                     logits, loss = model(x, y)
@@ -655,7 +657,7 @@ def main(argv=None):
             param_group["lr"] = lr
         scale = scaler.get_scale()
         scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
-        scaler.update()  # ... and then the scale is halved
+        scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
         synchronize(device_type)
         dt = time.time() - t0
         losses.append(loss_accum.item())  # .item() waits for the device and moves the loss to the CPU
@@ -663,9 +665,7 @@ def main(argv=None):
         if flops_peak:
             line += f" | mfu {100 * flops_step / dt / (flops_peak * ddp_world_size):.2f}"
         print0(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
-        stop = torch.tensor(got[0], device=device)  # a signal on any rank: all ranks stop after this step
-        if ddp:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        stop = all_reduce_mean(torch.tensor(float(got[0]), device=device), ddp, ddp_world_size).item()  # > 0: all stop
         if master_process:
             with open(log_file, "a") as f:
                 f.write("".join(f"{entry}\n" for entry in log_lines + [f"{step} train {losses[-1]:.6f}"]))
@@ -691,7 +691,7 @@ def main(argv=None):
         dist.barrier()
         dist.destroy_process_group()
     if error or stop:  # rank 0 says why; after a signal: 128 + its number, as a shell reports a killed process
-        sys.exit((error if master_process else 1) if error else 128 + int(stop))
+        sys.exit((error if master_process else 1) if error else 128 + (got[0] or signal.SIGTERM))
     return losses
 
 
