@@ -353,3 +353,21 @@ def test_failed_checkpoint_write_keeps_the_earlier_ones(shards, tmp_path):
     assert "Traceback" not in proc.stderr and [r["step"] for r in rows] == [0, 1, 2]
     assert sorted(p.name for p in log.iterdir()) == ["log.txt", "model_00001.pt", "model_00003.pt"]
     assert [torch.load(log / f"model_{n:05d}.pt", weights_only=True)["step"] for n in (1, 3)] == [1, 3]
+
+
+def test_in_run_hellaswag_scores_the_real_logits_as_hellaswag_py_does(shards, tmp_path, checkpoint):
+    """Stage 7's own HellaSwag figure equals `hellaswag.py -m` on the same weights: both score the
+    first 50,257 logits. The checkpoint's padding rows are large, so scoring all 50,304 differs."""
+    import hellaswag
+    examples = make_examples(12)
+    jsonl = write_jsonl(tmp_path / "hellaswag_val.jsonl", examples)
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    (log_dir / "model_00004.pt").write_bytes(checkpoint[0].read_bytes())
+    run7("--data-dir", shards, "--log-dir", log_dir, "--steps", "5", "--resume",  # step 4 is the last: eval
+         "--hellaswag-file", jsonl, "--hellaswag-limit", "0")
+    logged = [v for s, k, v in log_entries(log_dir) if k == "hella"]
+    model = checkpoint[1]
+    n, _, sliced = hellaswag.evaluate(lambda idx: model(idx)[0][..., :50257], examples, batch_size=4)
+    _, _, padded = hellaswag.evaluate(lambda idx: model(idx)[0], examples, batch_size=4)
+    assert sliced != padded and logged == [pytest.approx(sliced / n, abs=1e-4)]
