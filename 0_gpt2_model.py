@@ -148,7 +148,7 @@ def generate(model, idx, max_length, generator=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build GPT-2 and sample from the random model.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)

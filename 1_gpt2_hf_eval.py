@@ -197,7 +197,7 @@ def generate(model, idx, max_length, generator=None, top_k=50):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Load GPT-2 weights and sample from them.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2", help=f"{' | '.join(PRETRAINED)} or a local directory")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--num-return-sequences", type=int, default=5)

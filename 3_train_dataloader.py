@@ -235,7 +235,7 @@ def generate(model, idx, max_length, generator=None, top_k=50):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train GPT-2 on tiny Shakespeare, batch after batch.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("-B", "--batch-size", type=int, default=4)
     parser.add_argument("-T", "--seq-len", type=int, default=32)

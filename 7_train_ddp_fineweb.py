@@ -412,7 +412,7 @@ def log_header(device, world_size, model, total_batch_size, B, T):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train GPT-2 on FineWeb-Edu, on one GPU or many (torchrun).")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("-B", "--batch-size", type=int, default=None, help="64 (4 on CPU)")
     parser.add_argument("-T", "--seq-len", type=int, default=None, help="1024 (128 on CPU)")
