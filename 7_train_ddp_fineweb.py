@@ -279,14 +279,6 @@ class DataLoaderLite:
 PEAK_TFLOPS = {"A100": (312.0, 156.0), "H100 PCIe": (756.0, 378.0), "H100": (989.4, 494.7), "H200": (989.4, 494.7)}
 
 
-def synchronize(device_type):
-    """Wait for the queued GPU work: without it the clock stops before the GPU does."""
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    elif device_type == "mps":
-        torch.mps.synchronize()
-
-
 def peak_flops(device_type, dtype, override_tflops):
     """The chip's peak FLOP/s for MFU: --peak-tflops, else looked up from the GPU's name."""
     if override_tflops:
@@ -658,7 +650,8 @@ def main(argv=None):
         scale = scaler.get_scale()
         scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
         scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
-        synchronize(device_type)
+        # torch.cuda (.mps, .cpu).synchronize(): wait for the queued GPU work, or dt stops too early
+        getattr(torch, device_type).synchronize()
         dt = time.time() - t0
         losses.append(loss_accum.item())  # .item() waits for the device and moves the loss to the CPU
         line = f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f} | tok/s {total_batch_size / dt:.0f}"
