@@ -5,7 +5,7 @@ New in this stage (lecture 00:45:50-01:02:00, "let's train: data batches (B,T) -
 - tokenise input.txt with tiktoken's gpt2 encoding
 - cut one (B, T) batch of inputs, with targets shifted one token to the left
 - cross-entropy loss in GPT.forward, an AdamW loop (lr 3e-4) over that single batch
-- one line per step: step | loss
+- one line per step: step | loss; a GPU too small for -B x -T stops with one line saying what to try
 
 Run:   python 2_train_overfit.py      (124M, B=4, T=32, 50 steps: about a minute on a laptop CPU)
 Diff:  diff 1_gpt2_hf_eval.py 2_train_overfit.py
@@ -188,6 +188,13 @@ def pick_device(name):
     return name
 
 
+def out_of_memory(B, T, device):
+    """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
+    hint = f"try -B {B // 2}" if B > 1 else "try a smaller -T"
+    return f"error: out of memory at -B {B} -T {T} on {device} ({gib:.0f} GiB); {hint}"
+
+
 def gpt2_tokenizer():
     """tiktoken's GPT-2 BPE (50257 tokens); its two files are downloaded once, then cached."""
     try:
@@ -248,8 +255,11 @@ def main(argv=None):
     losses = []
     for step in range(args.steps):
         optimizer.zero_grad()
-        logits, loss = model(x, y)
-        loss.backward()
+        try:
+            logits, loss = model(x, y)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            sys.exit(out_of_memory(B, T, device))
         optimizer.step()
         losses.append(loss.item())  # .item() waits for the device and moves the loss to the CPU
         print(f"step {step:5d} | loss {losses[-1]:.6f}")

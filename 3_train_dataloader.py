@@ -210,6 +210,13 @@ def pick_device(name):
     return name
 
 
+def out_of_memory(B, T, device):
+    """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
+    hint = f"try -B {B // 2}" if B > 1 else "try a smaller -T"
+    return f"error: out of memory at -B {B} -T {T} on {device} ({gib:.0f} GiB); {hint}"
+
+
 def gpt2_tokenizer():
     """tiktoken's GPT-2 BPE (50257 tokens); its two files are downloaded once, then cached."""
     try:
@@ -270,8 +277,11 @@ def main(argv=None):
         x, y = train_loader.next_batch()
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
-        logits, loss = model(x, y)
-        loss.backward()
+        try:
+            logits, loss = model(x, y)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            sys.exit(out_of_memory(B, T, device))
         optimizer.step()
         losses.append(loss.item())  # .item() waits for the device and moves the loss to the CPU
         print(f"step {step:5d} | loss {losses[-1]:.6f}")

@@ -255,13 +255,6 @@ def autocast_supported(device_type, dtype):
         return False
 
 
-def out_of_memory(B, T, device):
-    """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
-    gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
-    hint = f"try -B {B // 2}" if B > 1 else "try a smaller -T"
-    return f"error: out of memory at -B {B} -T {T} on {device} ({gib:.0f} GiB); {hint}"
-
-
 def compile_unavailable(device_type):
     """Why torch.compile cannot run here, or None: it needs Triton on a GPU, a C++ compiler on a CPU."""
     if device_type == "mps":
@@ -280,6 +273,13 @@ def pick_device(name):
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
         sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
     return name
+
+
+def out_of_memory(B, T, device):
+    """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
+    hint = f"try -B {B // 2}" if B > 1 else "try a smaller -T"
+    return f"error: out of memory at -B {B} -T {T} on {device} ({gib:.0f} GiB); {hint}"
 
 
 def gpt2_tokenizer():

@@ -268,13 +268,6 @@ def autocast_supported(device_type, dtype):
         return False
 
 
-def out_of_memory(B, T, device):
-    """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
-    gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
-    hint = f"try -B {B // 2} (the total batch, and so the run, stay the same)" if B > 1 else "try a smaller -T"
-    return f"error: out of memory at -B {B} -T {T} on {device} ({gib:.0f} GiB); {hint}"
-
-
 def get_lr(step, max_lr, warmup_steps, max_steps):
     """Linear warmup to max_lr over warmup_steps, then cosine decay to 10% of it at the last
     step (max_steps - 1), constant after (GPT-3 paper, appendix B)."""
@@ -315,6 +308,13 @@ def pick_device(name):
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
         sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
     return name
+
+
+def out_of_memory(B, T, device):
+    """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
+    hint = f"try -B {B // 2} (the total batch, and so the run, stay the same)" if B > 1 else "try a smaller -T"
+    return f"error: out of memory at -B {B} -T {T} on {device} ({gib:.0f} GiB); {hint}"
 
 
 def gpt2_tokenizer():

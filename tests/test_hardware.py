@@ -80,9 +80,9 @@ def test_emulated_bf16_counts_as_unsupported(name, monkeypatch):
     assert not load(name).autocast_supported("cuda", torch.bfloat16)
 
 
-@pytest.mark.parametrize("name, where", [(n, "train") for n in FAST] + [(n, "eval") for n in FAST if n == NAME])
+@pytest.mark.parametrize("name, where", [(n, "train") for n in existing(SCRIPTS[2:])] + [(NAME, "eval")])
 def test_out_of_memory_gives_one_line_with_the_batch_to_try(name, where, tmp_path, monkeypatch):
-    """In a training step (any stage) or in stage 7's evaluation."""
+    """In a training step (stages 2-7: every training loop) or in stage 7's evaluation."""
     m = load(name)
     original = m.GPT.forward
 
@@ -91,12 +91,13 @@ def test_out_of_memory_gives_one_line_with_the_batch_to_try(name, where, tmp_pat
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.14 GiB")
         return original(self, idx, targets)
     monkeypatch.setattr(m.GPT, "forward", forward)
-    batch = ["--total-batch-size", "256"] if name != "5_train_speedup" else []
+    accumulates = name in FAST and name != "5_train_speedup"  # stages 6-7 have --total-batch-size
+    args = (CPU + stage_args(name, tmp_path) if name in FAST else TINY + ["--device", "cpu", "-T", "32"])
     with pytest.raises(SystemExit) as e:
-        main_steps(m, CPU + stage_args(name, tmp_path) + ["--steps", "1", "-B", "4"] + batch)
+        main_steps(m, args + ["--steps", "1", "-B", "4"] + (["--total-batch-size", "256"] if accumulates else []))
     line = str(e.value.code)
     assert "\n" not in line and line.startswith("error: out of memory at -B 4 -T 32 on cpu") and "try -B 2" in line
-    assert ("total batch, and so the run, stay the same" in line) == (name != "5_train_speedup")
+    assert ("total batch, and so the run, stay the same" in line) == accumulates
 
 
 # ---------------------------------------------------------------------------- several machines
