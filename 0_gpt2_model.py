@@ -166,14 +166,14 @@ def main(argv=None):
     print(f"parameters: {n_params:,}")  # 163,037,184 for 124M: lm_head is not yet tied to wte
 
     enc = gpt2_tokenizer()
-    tokens = enc.encode("Hello, I'm a language model,")  # 8 tokens
-    x = torch.tensor(tokens, dtype=torch.long).unsqueeze(0).repeat(args.num_return_sequences, 1)
-    logits, _ = model(x)
-    print(f"input {tuple(x.shape)} -> logits {tuple(logits.shape)}")  # (5, 8) -> (5, 8, 50257)
+    prompt = torch.tensor(enc.encode("Hello, I'm a language model,"))  # 8 tokens
+    prompt = prompt.unsqueeze(0).repeat(args.num_return_sequences, 1)  # (5, 8)
+    logits, _ = model(prompt)
+    print(f"input {tuple(prompt.shape)} -> logits {tuple(logits.shape)}")  # (5, 8) -> (5, 8, 50257)
 
     # a random model predicts close to uniformly over 50257 tokens, so expect gibberish
     g = torch.Generator().manual_seed(args.seed)
-    for row in generate(model, x, max_length=args.max_length, generator=g):
+    for row in generate(model, prompt, max_length=args.max_length, generator=g):
         print(">", enc.decode(row.tolist()))
 
 

@@ -216,17 +216,16 @@ def main(argv=None):
     model.to(device)
 
     enc = gpt2_tokenizer()
-    tokens = enc.encode("Hello, I'm a language model,")  # 8 tokens
-    x = torch.tensor(tokens, dtype=torch.long).unsqueeze(0).repeat(args.num_return_sequences, 1)
-    x = x.to(device)  # (5, 8)
+    prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens
+    prompt = prompt.unsqueeze(0).repeat(args.num_return_sequences, 1)  # (5, 8)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    for row in generate(model, x, max_length=args.max_length, generator=g):
+    for row in generate(model, prompt, max_length=args.max_length, generator=g):
         print(">", enc.decode(row.tolist()))
 
     # our module with OpenAI's weights must compute what Hugging Face's does
     hf = GPT2LMHeadModel.from_pretrained(args.model).to(device).eval()
     with torch.no_grad():
-        diff = (model(x[:1])[0] - hf(x[:1]).logits).abs().max().item()
+        diff = (model(prompt[:1])[0] - hf(prompt[:1]).logits).abs().max().item()
     print(f"max |logits - GPT2LMHeadModel logits| on the prompt: {diff:.2e}")
 
 

@@ -267,6 +267,8 @@ def main(argv=None):
     parser.add_argument("-B", "--batch-size", type=int, default=4)
     parser.add_argument("-T", "--seq-len", type=int, default=32)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--num-return-sequences", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=30)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-head", type=int, default=12)
@@ -306,11 +308,12 @@ def main(argv=None):
         losses.append(loss.item())  # .item() waits for the device and moves the loss to the CPU
         print(f"step {step:5d} | loss {losses[-1]:.6f}")
 
-    # what did it learn? sample one continuation of the prompt
     enc = gpt2_tokenizer()
-    prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device).unsqueeze(0)
-    g = torch.Generator(device=device).manual_seed(42)
-    print(">", enc.decode(generate(model.eval(), prompt, max_length=32, generator=g)[0].tolist()))
+    prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens
+    prompt = prompt.unsqueeze(0).repeat(args.num_return_sequences, 1)  # (5, 8)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    for row in generate(model.eval(), prompt, max_length=args.max_length, generator=g):
+        print(">", enc.decode(row.tolist()))
     return losses
 
 

@@ -347,6 +347,8 @@ def main(argv=None):
     parser.add_argument("-B", "--batch-size", type=int, default=None, help="16 (4 on CPU)")
     parser.add_argument("-T", "--seq-len", type=int, default=None, help="1024 (128 on CPU)")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--num-return-sequences", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=30)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-head", type=int, default=12)
@@ -467,11 +469,12 @@ def main(argv=None):
             line += f" | mfu {100 * flops_step / dt / flops_peak:.2f}"
         print(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
 
-    # what did it learn? sample one continuation of the prompt
     enc = gpt2_tokenizer()
-    prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device).unsqueeze(0)
-    g = torch.Generator(device=device).manual_seed(42)
-    print(">", enc.decode(generate(raw_model.eval(), prompt, max_length=32, generator=g)[0].tolist()))
+    prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens
+    prompt = prompt.unsqueeze(0).repeat(args.num_return_sequences, 1)  # (5, 8)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    for row in generate(raw_model.eval(), prompt, max_length=args.max_length, generator=g):
+        print(">", enc.decode(row.tolist()))
     return losses
 
 

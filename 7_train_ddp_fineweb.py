@@ -409,6 +409,8 @@ def main(argv=None):
     parser.add_argument("-B", "--batch-size", type=int, default=None, help="64 (4 on CPU)")
     parser.add_argument("-T", "--seq-len", type=int, default=None, help="1024 (128 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="19073: 10B tokens / 524288 (50 on CPU)")
+    parser.add_argument("--num-return-sequences", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=30)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-head", type=int, default=12)
@@ -610,9 +612,10 @@ def main(argv=None):
             model.train()
         if master_process and ((step > 0 and step % args.eval_every == 0) or last_step):
             # what does it say so far? the uncompiled module, so growing lengths never recompile
-            prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device).unsqueeze(0)
-            g = torch.Generator(device=device).manual_seed(42)
-            for i, row in enumerate(generate(raw_model.eval(), prompt.repeat(4, 1), max_length=32, generator=g)):
+            prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens
+            prompt = prompt.unsqueeze(0).repeat(args.num_return_sequences, 1)  # (5, 8)
+            g = torch.Generator(device=device).manual_seed(args.seed)
+            for i, row in enumerate(generate(raw_model.eval(), prompt, max_length=args.max_length, generator=g)):
                 print(f"sample {i}: {enc.decode(row.tolist())}")
             raw_model.train()
 

@@ -23,11 +23,14 @@ def test_stage1_runs_on_local_dir(hf_dir):
 
 @pytest.mark.parametrize("name", TRAIN)
 def test_training_script_runs(name):
-    proc = run_script(name, *TINY, "--steps", "3", "-B", "2", "-T", "16", "--device", "cpu")
+    proc = run_script(name, *TINY, "--steps", "3", "-B", "2", "-T", "16", "--device", "cpu",
+                      "--num-return-sequences", "2", "--max-length", "11")
     assert proc.returncode == 0, proc.stderr
     rows = parse_steps(proc.stdout)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(9 < r["loss"] < 12 for r in rows)
+    samples = [line for line in proc.stdout.splitlines() if line.startswith("> Hello, I'm a language model,")]
+    assert len(samples) == 2  # after training, as stage 1 samples from OpenAI's weights (5 by default)
 
 
 def test_hub_name_offline_is_one_line():
