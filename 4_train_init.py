@@ -276,6 +276,7 @@ def main(argv=None):
     parser.add_argument("--input", default=os.path.join(HERE, "input.txt"))
     args = parser.parse_args(argv)
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    device = pick_device(args.device)
     B, T = args.batch_size, args.seq_len
     if min(B, T, args.steps) < 1 or not 1 <= T <= config.block_size:
         sys.exit(f"error: need B >= 1, steps >= 1 and 1 <= T <= block size {config.block_size} "
@@ -283,7 +284,6 @@ def main(argv=None):
     if args.n_embd % args.n_head != 0:
         sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
 
-    device = pick_device(args.device)
     print(f"using device: {device}")
     torch.manual_seed(args.seed)
     try:
