@@ -74,6 +74,21 @@ def test_autocast_dtype_follows_what_torch_reports(name, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", FAST)
+def test_compile_without_a_compiler_runs_eager_with_one_line(name, tmp_path, monkeypatch):
+    """--compile on a CPU with no C++ compiler (a Windows PC without MSVC) trains eagerly and says so;
+    torch.compile is never called, so inductor cannot fail later with a page of compiler errors."""
+    m = load(name)
+    monkeypatch.setattr(m.shutil, "which", lambda cmd: None)
+    monkeypatch.setattr(m.torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
+    args = [a for a in CPU if a != "--no-compile"] + stage_args(name, tmp_path) + ["--compile", "--steps", "2"]
+    out, rows = main_steps(m, args)
+    assert "not compiling: no C++ compiler found; running eager" in out and "compile off" in out
+    assert len(rows) == 2
+    monkeypatch.setattr(m.shutil, "which", lambda cmd: "/usr/bin/" + cmd)  # a compiler: nothing to say
+    assert m.compile_unavailable("cpu") is None and m.compile_unavailable("mps")
+
+
+@pytest.mark.parametrize("name", FAST)
 def test_emulated_bf16_counts_as_unsupported(name, monkeypatch):
     """torch.cuda.is_bf16_supported() says True on a T4 (bf16 emulated, slowly); ask for the real thing."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
