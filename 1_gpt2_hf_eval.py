@@ -205,7 +205,6 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
 
-    from transformers import GPT2LMHeadModel
     device = pick_device(args.device)
     print(f"using device: {device}")
     try:
@@ -223,6 +222,7 @@ def main(argv=None):
         print(">", enc.decode(row.tolist()))
 
     # our module with OpenAI's weights must compute what Hugging Face's does
+    from transformers import GPT2LMHeadModel
     hf = GPT2LMHeadModel.from_pretrained(args.model).to(device).eval()
     with torch.no_grad():
         diff = (model(prompt[:1])[0] - hf(prompt[:1]).logits).abs().max().item()

@@ -177,7 +177,7 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774
 # ----------------------------------------------------------------------------------------------
 # data
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # data, logs and outputs live beside the script
+HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the working directory
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
@@ -234,7 +234,7 @@ def out_of_memory(B, T, device):
     """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
     gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
     hint = f"try -B {B // 2}" if B > 1 else "try a smaller -T"
-    return f"error: out of memory at -B {B} -T {T} on {device} ({gib:.0f} GiB); {hint}"
+    return f"error: out of memory at -B {B} -T {T} on {device}" + (f" ({gib:.0f} GiB)" if gib else "") + f"; {hint}"
 
 
 def gpt2_tokenizer():
@@ -269,7 +269,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--num-return-sequences", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337)  # the lecture's training seed
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)
@@ -278,7 +278,7 @@ def main(argv=None):
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     device = pick_device(args.device)
     B, T = args.batch_size, args.seq_len
-    if min(B, T, args.steps) < 1 or not 1 <= T <= config.block_size:
+    if min(B, args.steps) < 1 or not 1 <= T <= config.block_size:
         sys.exit(f"error: need B >= 1, steps >= 1 and 1 <= T <= block size {config.block_size} "
                  f"(got B={B}, T={T}, steps={args.steps})")
     if args.n_embd % args.n_head != 0:

@@ -189,7 +189,7 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774
 # ----------------------------------------------------------------------------------------------
 # data
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # data, logs and outputs live beside the script
+HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the working directory
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
@@ -314,7 +314,7 @@ def out_of_memory(B, T, device):
     """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
     gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
     hint = f"try -B {B // 2} (the total batch, and so the run, stay the same)" if B > 1 else "try a smaller -T"
-    return f"error: out of memory at -B {B} -T {T} on {device} ({gib:.0f} GiB); {hint}"
+    return f"error: out of memory at -B {B} -T {T} on {device}" + (f" ({gib:.0f} GiB)" if gib else "") + f"; {hint}"
 
 
 def gpt2_tokenizer():
@@ -349,7 +349,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--num-return-sequences", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337)  # the lecture's training seed
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)
@@ -377,7 +377,7 @@ def main(argv=None):
     if device_type == "cpu" and unset:
         print("cpu: small defaults " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in unset))
     B, T = args.batch_size, args.seq_len
-    if min(B, T, args.steps) < 1 or not 1 <= T <= config.block_size:
+    if min(B, args.steps) < 1 or not 1 <= T <= config.block_size:
         sys.exit(f"error: need B >= 1, steps >= 1 and 1 <= T <= block size {config.block_size} "
                  f"(got B={B}, T={T}, steps={args.steps})")
     total_batch_size = args.total_batch_size or (524288 if device_type != "cpu" else 4 * B * T)
@@ -409,11 +409,10 @@ def main(argv=None):
         dtype = fallback
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler", torch.float32: "off (float32)"}[dtype]
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
-    if use_compile and compile_unavailable(device_type):
-        print(f"not compiling: {compile_unavailable(device_type)}; running eager")
+    if use_compile and (why := compile_unavailable(device_type)):
+        print(f"not compiling: {why}; running eager")
         use_compile = False
-    print(f"settings: {device_type} | autocast {amp}"
-          f" | compile {'on' if use_compile else 'off'} | tf32 matmuls | sdpa attention | vocab 50304")
+    print(f"settings: {device_type} | autocast {amp} | compile {'on' if use_compile else 'off'}")
 
     model = GPT(config)
     model.to(device)
@@ -423,7 +422,7 @@ def main(argv=None):
     flops_peak = peak_flops(device_type, dtype, args.peak_tflops)
     flops_step = flops_per_token(raw_model, T) * total_batch_size
     optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type=device_type)
-    # fp16 keeps 5 exponent bits: gradients below ~6e-8 flush to 0. The scaler multiplies the loss
+    # fp16 keeps 5 exponent bits (bf16 fp32's 8): gradients below ~6e-8 flush to 0. The scaler multiplies the loss
     # (so every gradient) by a large factor before backward and divides it out before the update
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     losses = []
@@ -435,8 +434,7 @@ def main(argv=None):
         for micro_step in range(grad_accum_steps):
             x, y = train_loader.next_batch()
             x, y = x.to(device), y.to(device)
-            # bf16 has fp32's exponent range, so no gradient scaler is needed (unlike fp16);
-            # autocast runs matmuls in bf16 (fp16) and keeps softmax, layernorm and the loss in fp32
+            # autocast runs matmuls in bf16 (fp16); softmax, layernorm and the loss stay in fp32
             try:
                 with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
                     logits, loss = model(x, y)

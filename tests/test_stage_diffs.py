@@ -19,7 +19,7 @@ def test_docstrings_are_left_out_and_code_is_not(tmp_path):
 
 # the lecture's sizes where we meet them (2->3, 3->4, 6->7); elsewhere today's sizes, so that a change
 # that bloats a diff fails here (README says why 0->1, 1->2, 4->5 and 5->6 are above the lecture's)
-CEILINGS = {"0->1": 83, "1->2": 80, "2->3": 47, "3->4": 47, "4->5": 134, "5->6": 98, "6->7": 330}
+CEILINGS = {"0->1": 83, "1->2": 80, "2->3": 47, "3->4": 47, "4->5": 132, "5->6": 96, "6->7": 330}
 
 
 def test_stage_diff_sizes():
