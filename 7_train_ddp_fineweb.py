@@ -557,8 +557,8 @@ def main(argv=None):
     flops_step = flops_per_token(raw_model, T) * total_batch_size
     optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type=device_type,
                                                log=print0)
-    # fp16 keeps 5 exponent bits (bf16 fp32's 8): gradients below ~6e-8 flush to 0. The scaler multiplies the loss
-    # (so every gradient) by a large factor before backward and divides it out before the update
+    # fp16 keeps 5 exponent bits (bf16 keeps fp32's 8): gradients below ~6e-8 flush to 0. The scaler
+    # multiplies the loss, so every gradient, by a large factor and divides it out before the update
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
