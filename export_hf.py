@@ -16,6 +16,7 @@ checkpoint's, its token ids against tiktoken's), then renamed: a failure leaves 
     python hellaswag.py -m gpt2-ours               # same score as -m log/model_19073.pt
 """
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -124,8 +125,14 @@ def export(checkpoint, out_dir):
     umask = os.umask(0)
     os.umask(umask)
     try:
-        hf.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        for what, obj in (("the model (config.json, generation_config.json, model.safetensors)", hf),
+                          ("the tokenizer (tokenizer.json, tokenizer_config.json)", tokenizer)):
+            try:
+                obj.save_pretrained(tmp)
+            # a full disk raises an OSError (config.json), safetensors' SafetensorError ("I/O error:
+            # No space left on device (os error 28)") or tokenizers' bare Exception (tokenizer.json)
+            except Exception as e:
+                raise ExportError(write_failed(what, tmp, out_dir, e, hf)) from None
         # mkdtemp's folder is private (0700), and so is the model.safetensors transformers 5
         # writes (0600); the export is for sharing: the usual permissions, as the umask has them
         os.chmod(tmp, 0o777 & ~umask)
@@ -136,12 +143,30 @@ def export(checkpoint, out_dir):
             raise ExportError(f"the export's logits differ from the checkpoint's by {diff:.2e}")
         if ids != tiktoken.get_encoding("gpt2").encode(PROMPT):
             raise ExportError(f"the exported tokenizer's ids of {PROMPT!r}, {ids}, are not tiktoken's")
-        if os.path.isdir(out_dir):
+        emptied = os.path.isdir(out_dir)
+        if emptied:
             os.rmdir(out_dir)  # empty (checked above): the rename puts the finished folder there
-        os.rename(tmp, out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if emptied:
+                os.mkdir(out_dir)  # OUT_DIR as it was
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return diff, ids
+
+
+def write_failed(what, tmp, out_dir, e, hf):
+    """The one line for a failed write into the temporary folder (which export then removes)."""
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in reason
+    # float32 weights (wte and lm_head tied: stored once) + GPT-2's tokenizer.json (3.4 MB)
+    size_mb = sum(p.numel() for p in hf.parameters()) * 4 / 1e6 + 3.4
+    fix = (f"free about {size_mb:,.0f} MB on that disk, or choose an OUT_DIR on another one" if full
+           else "check that disk and its permissions")
+    return (f"could not write {what} into {tmp} ({reason}); that temporary folder is removed and "
+            f"{out_dir} is not written: {fix}")
 
 
 @torch.no_grad()

@@ -95,41 +95,79 @@ def file_rows(path):
             raise HellaSwagError(f"{path}: not UTF-8 text {expected}") from None
 
 
+LABELS = {0, 1, 2, 3, "0", "1", "2", "3"}  # the original's ints, the hub's strings
+
+
+def example_problem(row):
+    """What keeps `row` from being a HellaSwag example, in a few words; None if it is one. Only type
+    and membership checks: 10,042 rows take milliseconds."""
+    def what(x):
+        name = type(x).__name__
+        return "null" if x is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    if not isinstance(row, dict):
+        return f"it is {what(row)}, not a dict"
+    missing = [key for key in ("ctx", "endings", "label") if key not in row]
+    if missing:
+        return f"it has no {' or '.join(missing)}"
+    ctx, endings, label = row["ctx"], row["endings"], row["label"]
+    if not isinstance(ctx, str) or not ctx:  # an empty context leaves an ending's first token unscored
+        return f"its ctx is {what(ctx) if not isinstance(ctx, str) else 'empty'}, not a non-empty string"
+    if not isinstance(endings, (list, tuple)) or len(endings) != 4:
+        count = f" of {len(endings)}" if isinstance(endings, (list, tuple)) else ""
+        return f"its endings are {what(endings)}{count}, not a list of 4 strings"
+    for j, ending in enumerate(endings):
+        if not isinstance(ending, str):
+            return f"its ending {j} is {what(ending)}, not a string"
+    if isinstance(label, bool) or not isinstance(label, (int, str)) or label not in LABELS:
+        return f"its label is {label!r:.20}, not 0-3 or \"0\"-\"3\""  # the test split's is ""
+    return None
+
+
 def iterate_examples(split="val", data_file=None, cache_dir=None):
     """Yield the examples (dicts with ctx, endings, label, ...) of a local file or of a split of
-    the hub dataset, label as an int whichever format it came in."""
+    the hub dataset, label as an int whichever format it came in. A row that is not an example
+    (a field missing, an ending that is not a string, a label not 0-3) raises HellaSwagError
+    naming the source and the example, so stage 7 can say it once and train without HellaSwag."""
     rows = file_rows(data_file) if data_file else hub_rows(split, cache_dir)
     for i, row in enumerate(rows):
-        try:
-            example = {**row, "label": int(row["label"])}  # the hub's label is a string, "3"
-            ok = isinstance(example["ctx"], str) and len(example["endings"]) == 4 and 0 <= example["label"] < 4
-        except (KeyError, TypeError, ValueError):  # not a dict, a field missing, label "" or "x"
-            ok = False
-        if not ok:
-            raise HellaSwagError(f"{data_file or HUB_PATH}: example {i} is not a HellaSwag example "
-                                 "(a dict with ctx, 4 endings and a label 0-3)")
-        yield example
+        problem = example_problem(row)
+        if problem:
+            ind = f" (ind {row['ind']!r:.20})" if isinstance(row, dict) and "ind" in row else ""
+            where, fix = ((data_file, "fix or remove that row") if data_file else
+                          (f"the hub dataset {HUB_PATH} ({HUB_SPLITS[split]})",
+                           "delete its copy in the `datasets` cache to download it again"))
+            raise HellaSwagError(f"{where}: example {i}{ind} is not a HellaSwag example: {problem}; {fix}")
+        yield {**row, "label": int(row["label"])}  # the hub's label is a string, "3"
 
 
-def render_example(example, enc=None):
+def render_example(example, enc=None, block_size=None):
     """Tokenise one example into its 4 candidate rows.
 
     Returns (data, tokens, mask, label): tokens (4, L) int64, context + ending per row, right-
     padded with 0 to the longest row; mask (4, L) is 1 exactly on the ending tokens (the only
     ones scored); label is the index of the correct ending.
+
+    With block_size, a row longer than that keeps only its last block_size tokens, the most the
+    model can read: the start of its context goes, every ending token stays (as lm-evaluation-
+    harness cuts a long context). The first kept token has nothing before it to predict it, so
+    an ending of block_size tokens or more is scored on its last block_size - 1 tokens.
     """
     enc = enc or gpt2_encoder()
-    ctx_tokens = enc.encode(example["ctx"])
+    # encode_ordinary: a row's text is text, even if it spells a special token ("<|endoftext|>"
+    # would make encode raise); for any other text the ids are encode's
+    ctx_tokens = enc.encode_ordinary(example["ctx"])
     # " " + ending: the ending follows the context after a space, and GPT-2's BPE folds that
     # space into the ending's first token (" cat" is one token, "cat" another)
-    ending_tokens = [enc.encode(" " + end) for end in example["endings"]]
+    ending_tokens = [enc.encode_ordinary(" " + end) for end in example["endings"]]
     rows = [ctx_tokens + end for end in ending_tokens]
+    if block_size:
+        rows = [row[-block_size:] for row in rows]
     L = max(len(r) for r in rows)
     tokens = torch.zeros((len(rows), L), dtype=torch.long)
     mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, row in enumerate(rows):
+    for i, (row, end) in enumerate(zip(rows, ending_tokens)):
         tokens[i, :len(row)] = torch.tensor(row)
-        mask[i, len(ctx_tokens):len(row)] = 1
+        mask[i, max(len(row) - len(end), 0):len(row)] = 1
     label = int(example["label"])
     data = {"label": label, "ctx_tokens": ctx_tokens, "ending_tokens": ending_tokens}
     return data, tokens, mask, label
@@ -168,18 +206,20 @@ def get_most_likely_row(tokens, mask, logits):
 
 
 @torch.no_grad()
-def predictions(model_fn, examples, batch_size=1, device="cpu", enc=None):
+def predictions(model_fn, examples, batch_size=1, device="cpu", enc=None, block_size=1024):
     """Yield (label, pred, pred_norm) per example, scoring batch_size examples per forward pass.
 
     model_fn maps tokens (B, T) to logits (B, T, V), e.g. `lambda idx: model(idx)[0]` for our
     GPT or `lambda idx: model(idx).logits` for Hugging Face's. The 4 rows of each example are
     stacked with the other examples' rows and right-padded to the longest: attention is causal,
     so padding after a row's end cannot change the logits of its real tokens, and it is masked
-    out of the loss. The predictions thus equal the one-example-at-a-time loop's.
+    out of the loss. The predictions thus equal the one-example-at-a-time loop's. A row longer
+    than block_size (the model's context: 1024 for GPT-2, n_positions in Hugging Face's config)
+    is scored on its last block_size tokens (render_example), so no forward pass is longer.
     """
     examples = iter(examples)
     while batch := list(itertools.islice(examples, batch_size)):
-        rendered = [render_example(ex, enc) for ex in batch]
+        rendered = [render_example(ex, enc, block_size) for ex in batch]
         T = max(tokens.size(1) for _, tokens, _, _ in rendered)
         # (4 * len(batch), T): every example's 4 rows, each right-padded with 0 to T
         tokens = torch.cat([F.pad(t, (0, T - t.size(1))) for _, t, _, _ in rendered])
@@ -191,12 +231,12 @@ def predictions(model_fn, examples, batch_size=1, device="cpu", enc=None):
         yield from zip([label for *_, label in rendered], preds, preds_norm)
 
 
-def evaluate(model_fn, examples, batch_size=1, device="cpu", enc=None, log_every=0):
+def evaluate(model_fn, examples, batch_size=1, device="cpu", enc=None, log_every=0, block_size=1024):
     """Counts (n, correct, correct_norm) over examples; acc = correct / n, acc_norm likewise.
     Under DDP each rank can take its share, `itertools.islice(examples, rank, None, world)`,
-    and the ranks' counts be summed."""
+    and the ranks' counts be summed. block_size: the model's context, as in predictions."""
     n = correct = correct_norm = 0
-    for label, pred, pred_norm in predictions(model_fn, examples, batch_size, device, enc):
+    for label, pred, pred_norm in predictions(model_fn, examples, batch_size, device, enc, block_size):
         n += 1
         correct += pred == label
         correct_norm += pred_norm == label
@@ -208,8 +248,9 @@ def evaluate(model_fn, examples, batch_size=1, device="cpu", enc=None, log_every
 # ----------------------------------------------------------------------------- main
 
 def load_model(name, device):
-    """model_fn (tokens (B, T) -> logits (B, T, 50257)) for a hub name, a save_pretrained
-    directory or a checkpoint of stage 7 (a file), in float32."""
+    """(model_fn, block_size) for a hub name, a save_pretrained directory or a checkpoint of
+    stage 7 (a file), in float32: model_fn maps tokens (B, T) to logits (B, T, 50257), block_size
+    is the longest T the model takes (its position embeddings)."""
     if name.endswith(".pt") or os.path.isfile(name):  # log/model_19073.pt
         from export_hf import CheckpointError, gpt_from_checkpoint  # stage 7's GPT, its weights
         try:
@@ -219,14 +260,34 @@ def load_model(name, device):
         model.to(device).eval()
         # its vocab is padded to 50304; the 47 padding ids are never real tokens, so only the first
         # 50257 logits are scored, as GPT2LMHeadModel (and the export of these weights) scores them
-        return lambda idx: model(idx)[0][..., :50257]
+        return lambda idx: model(idx)[0][..., :50257], model.config.block_size
+    from safetensors import SafetensorError
     from transformers import GPT2LMHeadModel  # heavy import, only the CLI needs it
     try:
         model = GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32)
     except OSError as e:  # HF raises OSError when the hub is unreachable or the name is unknown
         sys.exit(f"error: could not load model {name!r}: {str(e).splitlines()[0]}")
+    except SafetensorError as e:  # a cut-off copy or download: "Error while deserializing header: ..."
+        sys.exit(f"error: could not load model {name!r}: {damaged_weights(name)} cannot be read "
+                 f"({str(e).splitlines()[0]}), truncated or damaged; export it again (export_hf.py) "
+                 "or download it again")
     model.to(device).eval()
-    return lambda idx: model(idx).logits
+    return lambda idx: model(idx).logits, model.config.n_positions
+
+
+def damaged_weights(name):
+    """The .safetensors files of a folder that safetensors cannot open, for the error message."""
+    from safetensors import SafetensorError, safe_open
+    if not os.path.isdir(name):  # a hub name: the file is somewhere in the HF cache
+        return "its model.safetensors in the Hugging Face cache"
+    bad = []
+    for path in sorted(Path(name).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):  # reads the header only
+                pass
+        except SafetensorError:
+            bad.append(str(path))
+    return ", ".join(bad) or f"a .safetensors file in {name}"
 
 
 def main(argv=None):
@@ -266,10 +327,10 @@ def main(argv=None):
         sys.exit(f"error: {e}{hint}")
     if not examples:
         sys.exit("error: no examples to evaluate")
-    model_fn = load_model(args.model, device)
+    model_fn, block_size = load_model(args.model, device)
     print(f"evaluating {args.model} on {len(examples)} HellaSwag {args.split} examples on {device}")
     n, correct, correct_norm = evaluate(model_fn, examples, args.batch_size, device,
-                                        log_every=args.log_every)
+                                        log_every=args.log_every, block_size=block_size)
     print(f"acc {correct / n:.4f} acc_norm {correct_norm / n:.4f} over {n} examples")
 
 

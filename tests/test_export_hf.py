@@ -112,3 +112,46 @@ def test_failure_midway_leaves_nothing(checkpoint, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         export_hf.export(checkpoint[0], tmp_path / "out")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fails, out_exists", [("config.json", False), ("model.safetensors", False),
+                                               ("tokenizer.json", True)])
+def test_full_disk_is_one_line_and_leaves_nothing(fails, out_exists, checkpoint, tmp_path, monkeypatch):
+    """ENOSPC while writing into the temporary folder: one line naming what could not be written and
+    why; no temporary folder left, OUT_DIR not created (or, already there and empty, left so). The
+    writes of config.json and tokenizer.json really hit a full disk (symlinks to /dev/full: an
+    OSError, and tokenizers' bare Exception); safetensors writes around a symlink, so its full disk
+    is its own SafetensorError with the message a full 1 MB tmpfs gave."""
+    import errno
+    import tempfile
+
+    from safetensors import SafetensorError
+    if fails != "model.safetensors" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    out = tmp_path / "gpt2-ours"
+    if out_exists:
+        out.mkdir()
+    mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp_on_a_full_disk(*args, **kwargs):
+        folder = mkdtemp(*args, **kwargs)
+        if fails != "model.safetensors":
+            os.symlink("/dev/full", os.path.join(folder, fails))
+        return folder
+
+    def serialize_file(*args, **kwargs):
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)} (os error 28)")
+    monkeypatch.setattr(export_hf.tempfile, "mkdtemp", mkdtemp_on_a_full_disk)
+    if fails == "model.safetensors":
+        import safetensors.torch
+        monkeypatch.setattr(safetensors.torch, "serialize_file", serialize_file)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        export_hf.main([str(checkpoint[0]), str(out)])
+    message = str(exit_info.value.code)
+    what = "the tokenizer" if fails == "tokenizer.json" else "the model"
+    assert message.startswith(f"error: could not write {what} (") and fails in message.split(" into ")[0]
+    assert "No space left on device" in message and f"{out} is not written: free about 10 MB" in message
+    assert len(message.splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == before                        # no temporary folder
+    assert not out_exists or os.listdir(out) == []

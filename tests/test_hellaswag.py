@@ -1,4 +1,5 @@
-"""hellaswag.py: rendering, completion-style scoring (acc vs acc_norm), batching, CLI, data sources.
+"""hellaswag.py: rendering, completion-style scoring (acc vs acc_norm), batching, CLI, data sources,
+rows that are not examples, rows longer than the model's context, damaged weights.
 
 The reference everywhere is the plain loop: for each ending, run context + ending through the
 model on its own and take the summed / mean cross-entropy of the ending's tokens.
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 import hellaswag
-from conftest import assert_clean_error, make_examples, run_script, write_hub_format, write_jsonl
+from conftest import (RUN7, STAGE7, assert_clean_error, load, main_steps, make_examples, run_script,
+                      write_hub_format, write_jsonl, write_shards)
 
 RESULT = re.compile(r"^acc (\d\.\d{4}) acc_norm (\d\.\d{4}) over (\d+) examples$", re.M)
 
@@ -284,4 +286,186 @@ def test_bad_checkpoint_is_one_line(examples, tmp_path):
         hellaswag.main(["-m", str(path), "-d", "cpu", "--data-file", str(data)])
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "model_00004.pt is not a checkpoint" in message
+    assert len(message.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- rows that are not examples
+
+BAD_ROWS = {  # what replaces example 1's fields -> what the message says is wrong
+    "null-ending": ({"endings": ["b", "c", None, "e"]}, "its ending 2 is null, not a string"),
+    "int-ending": ({"endings": ["b", "c", "d", 7]}, "its ending 3 is an int, not a string"),
+    "endings-a-string": ({"endings": "bcde"}, "its endings are a str, not a list of 4 strings"),
+    "three-endings": ({"endings": ["b", "c", "d"]}, "its endings are a list of 3, not a list of 4 strings"),
+    "no-ctx": ({"ctx": None}, "its ctx is null, not a non-empty string"),
+    "empty-ctx": ({"ctx": ""}, "its ctx is empty, not a non-empty string"),
+    "label-4": ({"label": 4}, "its label is 4, not 0-3"),
+    "label-true": ({"label": True}, "its label is True, not 0-3"),
+    "label-float": ({"label": 1.5}, "its label is 1.5, not 0-3"),
+    "label-word": ({"label": "two"}, "its label is 'two', not 0-3"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_ROWS)
+def test_bad_row_is_one_line_naming_file_and_example(kind, examples, tmp_path):
+    """A row with a non-string ending or an odd field: HellaSwagError naming the file, the example
+    (index and ind) and what is wrong, before any model is loaded; the CLI exits with that line."""
+    fields, problem = BAD_ROWS[kind]
+    rows = [dict(ex) for ex in examples[:3]]
+    rows[1].update(fields)
+    path = write_jsonl(tmp_path / "val.jsonl", rows)
+    got = []
+    with pytest.raises(hellaswag.HellaSwagError) as info:
+        got.extend(hellaswag.iterate_examples(data_file=path))
+    assert got == examples[:1]                                           # the row before it was fine
+    assert f"{path}: example 1 (ind 1) is not a HellaSwag example: {problem}" in str(info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag.main(["-m", "unused", "--data-file", str(path)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and str(info.value) in message and len(message.splitlines()) == 1
+
+
+def test_bad_hub_row_names_the_dataset(monkeypatch, examples):
+    rows = [{**ex, "label": str(ex["label"])} for ex in examples[:3]]
+    rows[2]["endings"] = rows[2]["endings"][:3] + [None]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: rows))
+    with pytest.raises(hellaswag.HellaSwagError, match=re.escape(
+            "the hub dataset Rowan/hellaswag (validation): example 2 (ind 2) is not a HellaSwag example: "
+            "its ending 3 is null")):
+        list(hellaswag.iterate_examples("val"))
+
+
+def test_text_that_spells_a_special_token_is_text(model, examples, enc):
+    """"<|endoftext|>" written in an ending is scored as the text it is (tiktoken's encode raises)."""
+    ex = {**examples[0], "endings": ["ends here <|endoftext|>"] + examples[0]["endings"][1:]}
+    with pytest.raises(ValueError):
+        enc.encode(ex["endings"][0])
+    _, tokens, _, _ = hellaswag.render_example(ex, enc)
+    row = enc.encode(ex["ctx"]) + enc.encode(" " + ex["endings"][0], disallowed_special=())
+    assert tokens[0, :len(row)].tolist() == row and 50256 not in row
+    assert len(list(hellaswag.predictions(lambda idx: model(idx).logits, [ex]))) == 1
+
+
+def test_stage7_says_a_bad_row_once_and_trains_on(examples, tmp_path):
+    """Stage 7 (its main, in this process): a HellaSwag file with a bad row turns HellaSwag off with
+    one line naming the file and the example, and the run trains and logs val loss."""
+    rows = [dict(ex) for ex in examples[:3]]
+    rows[1]["endings"] = ["b", "c", None, "e"]
+    path = write_jsonl(tmp_path / "hellaswag_val.jsonl", rows)
+    out, steps = main_steps(load(STAGE7), RUN7 + STAGE7_QUICK + [
+        "--data-dir", write_shards(tmp_path / "shards", [3001, 5003]), "--log-dir", tmp_path / "log",
+        "--hellaswag-file", path])
+    off = [line for line in out.splitlines() if "HellaSwag is off for this run" in line]
+    assert len(off) == 1 and (f"{path}: example 1 (ind 1) is not a HellaSwag example: its ending 2 is null, "
+                              "not a string; fix or remove that row") in off[0], out
+    assert [r["step"] for r in steps] == [0] and "validation loss" in out and "HellaSwag accuracy" not in out
+
+
+# ---------------------------------------------------------------------------- rows longer than the context
+
+STAGE7_QUICK = ["--steps", "1", "--eval-every", "1", "--hellaswag-limit", "0", "--num-return-sequences", "1",
+                "--max-length", "10"]
+
+
+def long_examples(n=5, ctx_words=70, seed=1):
+    """Examples whose rows are longer than the tiny models' context: a long context, and in the last
+    one an ending longer than the context of 40 tokens too."""
+    rows = make_examples(n, seed=seed)
+    for i, ex in enumerate(rows):
+        ex["ctx"] = " ".join(["the man picks up a small red bowl of water"] * (ctx_words // 10)) + ". " + ex["ctx"]
+        ex["ind"] = 100 + i
+    rows[-1]["endings"][1] = " ".join(["then she runs"] * 20) + "."
+    return rows
+
+
+def truncated_reference(model, ex, enc, block_size):
+    """(label, pred, pred_norm, sums, means) from the plain loop on each row's last block_size tokens:
+    the model reads only those, and the ending tokens among them after the first are scored."""
+    ctx = enc.encode(ex["ctx"])
+    sums, means = [], []
+    for ending in ex["endings"]:
+        end = enc.encode(" " + ending)
+        row = (ctx + end)[-block_size:]
+        with torch.no_grad():
+            logits = model(torch.tensor([row])).logits[0]                # (len(row), V)
+        n = min(len(end), len(row) - 1)                                  # scored: the last n tokens
+        losses = F.cross_entropy(logits[:-1][-n:], torch.tensor(row[1:][-n:]), reduction="none")
+        sums.append(losses.sum().item())
+        means.append(losses.mean().item())
+    return ex["label"], sums.index(min(sums)), means.index(min(means)), sums, means
+
+
+def test_long_rows_score_their_last_block_size_tokens(model, examples, reference, enc):
+    """Rows longer than block_size: the same predictions (and losses) as the plain loop on each row's
+    last block_size tokens, batched with short examples whose results do not change."""
+    B = 40
+    long = long_examples()
+    assert all(len(enc.encode(ex["ctx"])) > B for ex in long)           # every row is cut ...
+    assert max(len(enc.encode(" " + e)) for e in long[-1]["endings"]) > B  # ... one ending is longer than B
+    assert max(len(enc.encode(ex["ctx"] + " " + e)) for ex in examples for e in ex["endings"]) <= B
+    refs = [truncated_reference(model, ex, enc, B) for ex in long]
+    for ex, (*_, sums, means) in zip(long, refs):                        # the mask is on the right tokens
+        _, tokens, mask, _ = hellaswag.render_example(ex, enc, block_size=B)
+        assert tokens.size(1) == B
+        with torch.no_grad():
+            sum_loss, mean_loss = hellaswag.row_losses(tokens, mask, model(tokens).logits)
+        assert sum_loss.tolist() == pytest.approx(sums, rel=1e-4)
+        assert mean_loss.tolist() == pytest.approx(means, rel=1e-4)
+    fn = lambda idx: model(idx).logits
+    mixed = [x for pair in zip(examples, long) for x in pair] + examples[len(long):]
+    expected = [x for pair in zip(reference, [r[:3] for r in refs]) for x in pair] + reference[len(long):]
+    assert list(hellaswag.predictions(fn, mixed, batch_size=4, block_size=B)) == expected
+    assert list(hellaswag.predictions(fn, examples, batch_size=5, block_size=B)) == reference  # unchanged
+    with pytest.raises(IndexError):                                      # what it was: n_positions is 64
+        list(hellaswag.predictions(fn, long, block_size=None))
+
+
+def test_cli_uses_the_models_block_size(model, hf_dir, enc, tmp_path, capsys):
+    """-m passes the model's own context: n_positions (64) for a save_pretrained folder, the config's
+    block_size (48) for a stage-7 checkpoint; either model fails on a longer input."""
+    from dataclasses import asdict
+    long = long_examples()
+    data = write_jsonl(tmp_path / "long.jsonl", long)
+    assert min(len(enc.encode(ex["ctx"])) for ex in long) > 64
+    n, acc, acc_norm = hellaswag.evaluate(lambda idx: model(idx).logits, long, batch_size=2, block_size=64)
+    assert score(capsys, "-m", hf_dir, "-d", "cpu", "--data-file", data, "--batch-size", 2) == (
+        f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
+    stage7 = load(STAGE7)
+    torch.manual_seed(0)
+    gpt = stage7.GPT(stage7.GPTConfig(block_size=48, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+    path = tmp_path / "model_00001.pt"
+    torch.save({"model": gpt.state_dict(), "config": asdict(gpt.config)}, path)
+    n, acc, acc_norm = hellaswag.evaluate(lambda idx: gpt(idx)[0][..., :50257], long, block_size=48)
+    assert score(capsys, "-m", path, "-d", "cpu", "--data-file", data) == (
+        f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
+
+
+def test_stage7_scores_a_row_longer_than_1024_tokens(examples, tmp_path):
+    """Stage 7's step-0 HellaSwag on a context of over 1024 tokens: scored (on the last 1024), the run
+    goes on; stage 7 calls evaluate(model_fn, examples, 8, device), block_size 1024 by default."""
+    rows = [dict(ex) for ex in examples[:2]]
+    rows[0]["ctx"] = " ".join(["the man picks up a small red bowl of water"] * 110) + ". " + rows[0]["ctx"]
+    out, steps = main_steps(load(STAGE7), RUN7 + STAGE7_QUICK + [
+        "--data-dir", write_shards(tmp_path / "shards", [3001, 5003]), "--log-dir", tmp_path / "log",
+        "--hellaswag-file", write_jsonl(tmp_path / "hellaswag_val.jsonl", rows)])
+    assert "HellaSwag accuracy" in out and [r["step"] for r in steps] == [0]
+    assert re.search(r"^0 hella [\d.]+$", (tmp_path / "log" / "log.txt").read_text(), re.M)
+
+
+# ---------------------------------------------------------------------------- damaged weights
+
+
+def test_truncated_safetensors_is_one_line(hf_dir, examples, tmp_path):
+    """A model.safetensors cut off halfway (an interrupted copy or download): safetensors raises its
+    SafetensorError ("incomplete metadata, file not fully covered"); -m DIR says so in one line."""
+    import shutil
+    folder = tmp_path / "gpt2-ours"
+    shutil.copytree(hf_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    data = write_jsonl(tmp_path / "val.jsonl", examples[:2])
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag.main(["-m", str(folder), "-d", "cpu", "--data-file", str(data)])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: could not load model {str(folder)!r}: {weights} cannot be read (")
+    assert "truncated or damaged" in message and "export it again" in message and "download it again" in message
     assert len(message.splitlines()) == 1
