@@ -12,20 +12,32 @@ Beyond the lecture's script:
   - --data-files tokenises local json/jsonl/parquet/txt files instead (offline, tests)
   - a shard is written to a temporary file and renamed, so a shard on disk is complete, and
     fineweb_manifest.json records where each shard ended in the documents: an interrupted
-    run, started again, goes on after its last complete shard with the same bytes
+    run, started again, goes on after its last complete shard with the same bytes; a full
+    disk is one line naming the file, and the shards before it stay
+  - --download fetches shards already tokenised instead, from the hub dataset
+    kjj0/finewebedu10B-gpt2 (the one modded-nanogpt's data/cached_finewebedu10B.py fetches):
+    100M-token llm.c .bin files (256 int32 of header: magic 20240520, version 1, token count;
+    then the uint16 tokens). One at a time, each .bin comes through huggingface_hub (so
+    HF_ENDPOINT mirrors work), its header is checked, it is written as the same kind of .npy
+    and deleted; a rerun skips the complete shards. Whether its tokens are this script's, byte
+    for byte, is not verified here: README says what is known and how to check
 
 Run:
     python fineweb.py                     # download (tens of GB) + ~100 shards, ~10B tokens
     python fineweb.py --streaming         # same shards, reading the parquet files as it goes
+    python fineweb.py --download          # the tokenised shards instead: ~20 GB, no tokenising
+    python fineweb.py --download --max-shards 10   # val + 9 train shards (~2 GB) to start with
     python fineweb.py --data-files my.jsonl --shard-size 1000000 --out-dir /tmp/shards
 """
 import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
 import threading
+from contextlib import suppress
 from functools import lru_cache
 from itertools import islice, takewhile
 from pathlib import Path
@@ -38,10 +50,15 @@ EOT = 50256  # <|endoftext|>, GPT-2's one special token: it opens every document
 EXTENSIONS = (".json", ".jsonl", ".parquet", ".txt")
 # Neither name holds "train" or "val", so a loader that picks shards by those words skips them.
 MANIFEST, TMP = "fineweb_manifest.json", ".writing.tmp"
+# --download: FineWeb-Edu 10B in 100M-token shards, already tokenised, in the .bin format of llm.c's
+# dev/data/data_common.py; modded-nanogpt's data/cached_finewebedu10B.py fetches the same files
+TOKENS_REPO, TOKENS_FILES = "kjj0/finewebedu10B-gpt2", 100  # finewebedu_val_000000.bin, _train_000001..99
+BIN_MAGIC, BIN_VERSION, BIN_HEADER = 20240520, 1, 256  # header: 256 int32, [magic, version, n_tokens, 0...]
+DOWNLOAD_DIR = ".download"  # inside --out-dir: the one .bin being fetched (and the hub client's notes)
 
 
 class InputError(Exception):
-    """Bad arguments, input or out-dir state: reported as one line, without a traceback."""
+    """Bad arguments, input, out-dir state or a failed write: one line, without a traceback."""
 
 
 @lru_cache(maxsize=None)
@@ -115,13 +132,22 @@ def hub_texts(streaming, text_field, skip):
 
 
 def write_atomic(path, write):
-    """write(f) into a temporary file beside `path`, then rename: readers never see half a file."""
+    """write(f) into a temporary file beside `path`, then rename: readers never see half a file.
+    A failed write (a full disk: ENOSPC) leaves the complete files as they were, and no temporary."""
     tmp = path.parent / TMP
-    with open(tmp, "wb") as f:  # a file handle: np.save("x.tmp") would write "x.tmp.npy"
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a file handle: np.save("x.tmp") would write "x.tmp.npy"
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise InputError(f"could not write {path} ({e.strerror or e}); the files written before it "
+                             "are complete: make room and run the same command again") from None
+        raise
 
 
 def load_manifest(out_dir, config, overwrite):
@@ -150,10 +176,105 @@ def load_manifest(out_dir, config, overwrite):
     return fresh
 
 
+def hub_download(filename, local_dir):
+    """One file of TOKENS_REPO into local_dir by the hub client: it reads HF_ENDPOINT (mirrors) and
+    HF_TOKEN, resumes what it can, and with local_dir it keeps no second copy in the hub cache."""
+    # Xet-stored files: no chunk cache (up to 10 GB in HF_HOME/xet), unless the user asks for one
+    os.environ.setdefault("HF_XET_CHUNK_CACHE_SIZE_BYTES", "0")
+    from huggingface_hub import hf_hub_download  # comes with `datasets`; imported only here
+    return Path(hf_hub_download(repo_id=TOKENS_REPO, filename=filename, repo_type="dataset",
+                                local_dir=local_dir))
+
+
+def bin_tokens(path):
+    """The uint16 tokens of an llm.c .bin shard, memory-mapped, once its header checks out."""
+    size, want = path.stat().st_size, 4 * BIN_HEADER
+    header = np.fromfile(path, dtype="<i4", count=BIN_HEADER)
+    if len(header) < BIN_HEADER:
+        raise InputError(f"{path.name}: {size} bytes, shorter than the {want}-byte llm.c header")
+    magic, version, n = (int(v) for v in header[:3])
+    if magic != BIN_MAGIC or version != BIN_VERSION:
+        raise InputError(f"{path.name}: header magic {magic}, version {version}, not llm.c's GPT-2 "
+                         f"token file (magic {BIN_MAGIC}, version {BIN_VERSION})")
+    if n < 1 or size != want + 2 * n:
+        raise InputError(f"{path.name}: the header says {n:,} tokens, the file holds "
+                         f"{(size - want) / 2:,.1f} (damaged or cut short)")
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=want, shape=(n,))
+    if tokens.max() > EOT:
+        raise InputError(f"{path.name}: ids above {EOT}, so not GPT-2 tokens")
+    return tokens
+
+
+def bin_to_npy(path, npy):
+    """The .bin at `path` written as `npy` (np.save's bytes); returns its token count. A bad .bin
+    is deleted, so that a rerun fetches it afresh."""
+    try:
+        tokens = bin_tokens(path)
+    except InputError:
+        path.unlink()
+        raise
+    write_atomic(npy, lambda f: np.save(f, tokens))
+    return len(tokens)  # (the memory map closes here, before the .bin is deleted)
+
+
+def download(args, out_dir):
+    """--download: shard after shard, fetch the .bin into out_dir/DOWNLOAD_DIR, check it, write it
+    as edufineweb_{split}_{index:06d}.npy (the bytes np.save writes for the same tokens), record it
+    in the manifest, delete the .bin. At most one .bin and one shard in the making are on disk."""
+    config = {"source": {"dataset": TOKENS_REPO}, "shard_size": 10**8}
+    manifest = load_manifest(out_dir, config, args.overwrite)
+    shards = manifest["shards"]
+    total = TOKENS_FILES if args.max_shards is None else min(args.max_shards, TOKENS_FILES)
+    if manifest["done"] or len(shards) >= total:
+        print(f"{out_dir}: {len(shards)} shards already written, nothing to do")
+        return
+    if shards:
+        print(f"resuming after shard {len(shards) - 1}")
+    fetch_dir, made_out_dir = out_dir / DOWNLOAD_DIR, not out_dir.exists()
+    if args.overwrite:
+        for f in out_dir.glob("edufineweb_*.npy"):
+            f.unlink()
+        shutil.rmtree(fetch_dir, ignore_errors=True)
+
+    def save_manifest():
+        write_atomic(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(len(shards), total):
+        split = "val" if index == 0 else "train"
+        remote, name = f"finewebedu_{split}_{index:06d}.bin", f"edufineweb_{split}_{index:06d}.npy"
+        try:
+            path = hub_download(remote, fetch_dir)
+        except Exception as e:  # offline, unreachable, not found, disk full: each client version has its own
+            if not any(p.is_file() for p in fetch_dir.rglob("*.incomplete")):  # nothing to resume
+                shutil.rmtree(fetch_dir, ignore_errors=True)
+                if made_out_dir:
+                    with suppress(OSError):
+                        out_dir.rmdir()  # only if empty: the folder this run made
+            reason = (str(e).strip().splitlines() or [""])[0]
+            reason = reason if len(reason) <= 160 else reason[:157] + "..."
+            raise InputError(f"could not download {remote} from the hub dataset {TOKENS_REPO} "
+                             f"({type(e).__name__}: {reason}); check the connection (or HF_ENDPOINT, "
+                             "for a mirror), or run plain `python fineweb.py` to tokenise the "
+                             "FineWeb-Edu text instead") from None
+        shards.append({"file": name, "tokens": bin_to_npy(path, out_dir / name)})
+        manifest["done"] = len(shards) == TOKENS_FILES
+        save_manifest()
+        path.unlink()
+        print(f"{name}: {shards[-1]['tokens']:,} tokens")
+    shutil.rmtree(fetch_dir, ignore_errors=True)  # only the hub client's notes are left in it
+    print(f"{len(shards)} shards, {sum(s['tokens'] for s in shards):,} tokens in {out_dir}")
+
+
 def run(args):
     if args.shard_size < 1 or args.workers < 1:
         raise InputError("--shard-size and --workers must be at least 1")
     out_dir = Path(args.out_dir).resolve()
+    if args.download:
+        if args.data_files or args.streaming or args.shard_size != 10**8:
+            raise InputError("--download fetches the hub's 100M-token shards: it takes no "
+                             "--data-files, --streaming or --shard-size")
+        return download(args, out_dir)
     if args.data_files:
         paths = [Path(p).resolve() for p in args.data_files]
         for p in paths:
@@ -250,7 +371,11 @@ def main(argv=None):
                         help="hub: read the parquet files as it goes instead of downloading first")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="tokenising processes (default: all cores)")
-    parser.add_argument("--max-shards", type=int, help="stop once this many shards exist")
+    parser.add_argument("--download", action="store_true",
+                        help=f"fetch the shards already tokenised (hub dataset {TOKENS_REPO}) "
+                             "instead of tokenising the text")
+    parser.add_argument("--max-shards", type=int, help="stop once this many shards exist "
+                        "(--download --max-shards 10: val + 9 train shards)")
     parser.add_argument("--overwrite", action="store_true", help="discard the shards in --out-dir")
     args = parser.parse_args(argv)
     try:

@@ -1,17 +1,25 @@
 """fineweb.py on a small local corpus: the shard contract (DESIGN.md, contract 4), byte-identity
-with the lecture's loop, every input format, resume after an interruption, clear errors."""
+with the lecture's loop, every input format, resume after an interruption, clear errors; and
+--download (contract 10) from a stand-in for the hub: a folder of llm.c .bin files, served either
+by a stand-in for the one function that calls the hub client or over HTTP as an HF_ENDPOINT mirror."""
+import errno
+import hashlib
+import http.server
 import importlib
 import io
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run7, run_script
 
 import fineweb
 
@@ -318,3 +326,385 @@ def test_bench_shards_are_shards_stage7_reads(tmp_path, enc):
     loader = importlib.import_module("7_train_ddp_fineweb").DataLoaderLite(str(out), "train", 4, 64, 0, 1)
     x, y = loader.next_batch()
     assert x.shape == (4, 64) and torch.equal(x.flatten()[1:], y.flatten()[:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# a full disk (ENOSPC) while a shard or the manifest is written
+
+
+def full_disk_at_save(monkeypatch, nth):
+    """np.save, as fineweb.py calls it, hits a full disk on its nth call, half-way into the file."""
+    real, calls = np.save, []
+
+    def save(f, arr, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == nth:
+            f.write(b"\x93NUMPY half a shard")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(f, arr, *args, **kwargs)
+    monkeypatch.setattr(fineweb.np, "save", save)
+
+
+def test_full_disk_while_writing_a_shard(tmp_path, docs, monkeypatch):
+    """One line naming the shard (with 2 workers running); the shards before it stay, listed in the
+    manifest; no temporary file; the same command, with room again, ends where an uninterrupted
+    run does."""
+    data = write_jsonl(tmp_path / "c.jsonl", docs)
+    fw("--data-files", data, "--shard-size", 1500, "--out-dir", tmp_path / "full")
+    out = tmp_path / "out"
+    full_disk_at_save(monkeypatch, 3)
+    with pytest.raises(SystemExit) as e:
+        fw("--data-files", data, "--shard-size", 1500, "--out-dir", out, workers=2)
+    line = str(e.value.code)
+    assert "\n" not in line and "edufineweb_train_000002.npy" in line, line
+    assert os.strerror(errno.ENOSPC) in line
+    assert [p.name for p in shard_files(out)] == ["edufineweb_val_000000.npy", "edufineweb_train_000001.npy"]
+    assert [s["file"] for s in json.loads((out / fineweb.MANIFEST).read_text())["shards"]] == \
+        [p.name for p in shard_files(out)]
+    assert not (out / fineweb.TMP).exists()
+    monkeypatch.undo()
+    fw("--data-files", data, "--shard-size", 1500, "--out-dir", out)
+    assert shard_bytes(out) == shard_bytes(tmp_path / "full")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_while_writing_the_manifest(tmp_path, docs):
+    """A real ENOSPC: the temporary file is a link to /dev/full, so the resumed run's first write,
+    its manifest, fails. One line naming the manifest, no traceback, nothing complete touched."""
+    data = write_jsonl(tmp_path / "c.jsonl", docs)
+    out = tmp_path / "out"
+    fw("--data-files", data, "--shard-size", 1500, "--out-dir", out, "--max-shards", 2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    os.symlink("/dev/full", out / fineweb.TMP)
+    r = run_script("fineweb", "--data-files", data, "--shard-size", 1500, "--out-dir", out,
+                   "--workers", 2)
+    assert r.returncode != 0
+    line = one_error_line(r.stderr)
+    assert str(out / fineweb.MANIFEST) in line and os.strerror(errno.ENOSPC) in line, line
+    assert not os.path.lexists(out / fineweb.TMP)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------------------------
+# --download: the tokenised shards of kjj0/finewebedu10B-gpt2, from stand-ins for the hub
+
+
+def bin_name(i):
+    return f"finewebedu_{'val' if i == 0 else 'train'}_{i:06d}.bin"
+
+
+def npy_name(i):
+    return f"edufineweb_{'val' if i == 0 else 'train'}_{i:06d}.npy"
+
+
+def write_bin(path, tokens, magic=20240520, version=1, count=None):
+    """An llm.c token file, as its dev/data/data_common.py writes one: 256 int32 (magic, version,
+    token count, zeros), then the tokens as uint16."""
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = magic, version, len(tokens) if count is None else count
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+def make_hub(folder, sizes, seed=0):
+    """A folder standing in for the hub dataset: one .bin per shard (val first), random GPT-2
+    ids with a document opening every 89 tokens. Returns each shard's tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shards = []
+    for i, size in enumerate(sizes):
+        tokens = rng.integers(0, EOT, size=size).astype(np.uint16)
+        tokens[::89] = EOT
+        write_bin(folder / bin_name(i), tokens)
+        shards.append(tokens)
+    return shards
+
+
+def npy_bytes(tokens):
+    buf = io.BytesIO()
+    np.save(buf, tokens)
+    return buf.getvalue()
+
+
+def stand_in(monkeypatch, hub, interrupt_at=None):
+    """fineweb.hub_download as the hub client does it: the file into local_dir, its path back.
+    Returns the names fetched, each with the .bin files already in local_dir when it was asked
+    for. interrupt_at: Ctrl-C while that file comes, leaving a partial file behind (as clients
+    that resume across runs keep one)."""
+    fetched = []
+
+    def fetch(filename, local_dir):
+        fetched.append((filename, sorted(p.name for p in local_dir.glob("*.bin"))))
+        partial = local_dir / ".cache" / "huggingface" / "download" / f"{filename}.incomplete"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        if filename == interrupt_at:
+            partial.write_bytes((hub / filename).read_bytes()[:1500])
+            raise KeyboardInterrupt
+        shutil.copyfile(hub / filename, partial)
+        partial.replace(local_dir / filename)
+        return local_dir / filename
+    monkeypatch.setattr(fineweb, "hub_download", fetch)
+    return fetched
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """(folder, tokens): a 5-file stand-in for the hub dataset; fineweb.py takes it as complete."""
+    monkeypatch.setattr(fineweb, "TOKENS_FILES", 5)
+    folder = tmp_path / "hub"
+    return folder, make_hub(folder, [3001, 4000, 4000, 4000, 2345])
+
+
+def test_download_writes_the_tokens_as_shards(tmp_path, hub, monkeypatch, capsys):
+    """--max-shards 3: val + 2 train shards, each the bytes np.save writes for that .bin's tokens,
+    the source in the manifest, no .bin left. Run again: only the missing shards are fetched, the
+    first three stay as they are, the manifest says done; once more: nothing to do."""
+    folder, tokens = hub
+    out = tmp_path / "out"
+    fetched = stand_in(monkeypatch, folder)
+    fw("--download", "--max-shards", 3, "--out-dir", out)
+    assert fetched == [(bin_name(i), []) for i in range(3)]  # one .bin on disk at a time
+    assert shard_bytes(out) == {npy_name(i): npy_bytes(tokens[i]) for i in range(3)}
+    manifest = json.loads((out / fineweb.MANIFEST).read_text())
+    assert manifest["source"] == {"dataset": "kjj0/finewebedu10B-gpt2"} and not manifest["done"]
+    assert [s["tokens"] for s in manifest["shards"]] == [len(t) for t in tokens[:3]]
+    assert sorted(p.name for p in out.iterdir()) == sorted([fineweb.MANIFEST, *map(npy_name, range(3))])
+
+    first = {p.name: p.stat().st_mtime_ns for p in shard_files(out)}
+    fetched.clear()
+    fw("--download", "--out-dir", out)
+    assert fetched == [(bin_name(3), []), (bin_name(4), [])]
+    assert shard_bytes(out) == {npy_name(i): npy_bytes(t) for i, t in enumerate(tokens)}
+    assert all(first[n] == (out / n).stat().st_mtime_ns for n in first)  # not written again
+    assert json.loads((out / fineweb.MANIFEST).read_text())["done"]
+    assert not list(out.rglob("*.bin")) and not (out / fineweb.DOWNLOAD_DIR).exists()
+    fetched.clear()
+    capsys.readouterr()
+    fw("--download", "--out-dir", out)
+    assert fetched == [] and "nothing to do" in capsys.readouterr().out
+
+
+def test_download_full_disk_while_writing_a_shard(tmp_path, hub, monkeypatch):
+    """A full disk while a downloaded shard is written: one line naming it, the shards before it
+    stay, its .bin stays for the rerun (the hub client hands back a complete local file), no
+    temporary file; with room again the same command ends with every shard."""
+    folder, tokens = hub
+    out = tmp_path / "out"
+    stand_in(monkeypatch, folder)
+    full_disk_at_save(monkeypatch, 2)
+    with pytest.raises(SystemExit) as e:
+        fw("--download", "--out-dir", out)
+    line = str(e.value.code)
+    assert "\n" not in line and npy_name(1) in line and os.strerror(errno.ENOSPC) in line, line
+    assert shard_bytes(out) == {npy_name(0): npy_bytes(tokens[0])}
+    assert (out / fineweb.DOWNLOAD_DIR / bin_name(1)).exists() and not (out / fineweb.TMP).exists()
+    monkeypatch.undo()  # room again (and the hub fixture's setting, made again)
+    monkeypatch.setattr(fineweb, "TOKENS_FILES", 5)
+    stand_in(monkeypatch, folder)
+    fw("--download", "--out-dir", out)
+    assert shard_bytes(out) == {npy_name(i): npy_bytes(t) for i, t in enumerate(tokens)}
+
+
+@pytest.mark.parametrize("damage", ["magic", "version", "truncated", "too-long", "no-header",
+                                    "not-gpt2-ids"])
+def test_download_damaged_file_is_one_line(tmp_path, hub, monkeypatch, damage):
+    """A .bin whose header is wrong or whose payload is not the header's token count: one line
+    naming the file, nothing written for it (the shards before it stay), the bad .bin deleted,
+    so the same command fetches it afresh once the hub has it right."""
+    folder, tokens = hub
+    path, t = folder / bin_name(2), tokens[2]
+    raw = path.read_bytes()
+    if damage == "magic":
+        write_bin(path, t, magic=20240522)  # llm.c's eval-file magic
+    elif damage == "version":
+        write_bin(path, t, version=7)  # llm.c's llama-3 version (uint32 tokens)
+    elif damage == "truncated":
+        path.write_bytes(raw[:-2])
+    elif damage == "too-long":
+        path.write_bytes(raw + b"\0\0")
+    elif damage == "no-header":
+        path.write_bytes(raw[:1000])
+    else:
+        write_bin(path, np.concatenate([t[:-1], [50257]]).astype(np.uint16))
+    stand_in(monkeypatch, folder)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        fw("--download", "--out-dir", out)
+    line = str(e.value.code)
+    assert line.startswith("fineweb.py: error: ") and "\n" not in line and bin_name(2) in line, line
+    assert shard_bytes(out) == {npy_name(i): npy_bytes(tokens[i]) for i in range(2)}
+    assert len(json.loads((out / fineweb.MANIFEST).read_text())["shards"]) == 2
+    assert not list(out.rglob("*.bin")) and not (out / fineweb.TMP).exists()
+
+    write_bin(path, t)  # repaired upstream
+    fw("--download", "--out-dir", out)
+    assert shard_bytes(out) == {npy_name(i): npy_bytes(t) for i, t in enumerate(tokens)}
+
+
+def test_download_interrupted_then_run_again(tmp_path, hub, monkeypatch):
+    """Ctrl-C while shard 3 downloads, and (the worst case) the manifest one shard behind the disk:
+    the same command fetches from the first shard the manifest lacks, keeps the client's partial
+    file for it until then, and ends with the bytes of an uninterrupted run."""
+    folder, tokens = hub
+    out = tmp_path / "out"
+    stand_in(monkeypatch, folder, interrupt_at=bin_name(3))
+    with pytest.raises(SystemExit) as e:
+        fw("--download", "--out-dir", out)
+    assert "interrupted" in str(e.value.code)
+    assert [p.name for p in shard_files(out)] == [npy_name(i) for i in range(3)]
+    assert list((out / fineweb.DOWNLOAD_DIR).rglob("*.incomplete"))  # left for the client to resume
+    manifest = json.loads((out / fineweb.MANIFEST).read_text())
+    assert len(manifest["shards"]) == 3 and not (out / fineweb.TMP).exists()
+    manifest["shards"].pop()  # as if the crash came after shard 2's rename, before its manifest entry
+    (out / fineweb.MANIFEST).write_text(json.dumps(manifest))
+
+    fetched = stand_in(monkeypatch, folder)
+    fw("--download", "--out-dir", out)
+    assert [name for name, _ in fetched] == [bin_name(i) for i in (2, 3, 4)]
+    assert shard_bytes(out) == {npy_name(i): npy_bytes(t) for i, t in enumerate(tokens)}
+    assert not (out / fineweb.DOWNLOAD_DIR).exists()
+
+
+def test_download_and_tokenised_shards_never_mix(tmp_path, hub, docs, monkeypatch):
+    """An out-dir of tokenised shards (from local files, from the hub's text, or without a
+    manifest) refuses --download, one of downloaded shards refuses the tokeniser, each in one line
+    and untouched; --overwrite starts the other kind afresh."""
+    folder, tokens = hub
+    stand_in(monkeypatch, folder)
+    data = write_jsonl(tmp_path / "c.jsonl", docs)
+    tokenised, downloaded = tmp_path / "tokenised", tmp_path / "downloaded"
+    fw("--data-files", data, "--shard-size", 3000, "--out-dir", tokenised)
+    fw("--download", "--max-shards", 2, "--out-dir", downloaded)
+    hub_text, no_manifest = tmp_path / "hub_text", tmp_path / "no_manifest"
+    for out in (hub_text, no_manifest):
+        shutil.copytree(tokenised, out)
+    manifest = json.loads((hub_text / fineweb.MANIFEST).read_text())
+    manifest.update(source={"dataset": "HuggingFaceFW/fineweb-edu/sample-10BT", "text_field": "text"},
+                    shard_size=10**8)  # what plain `python fineweb.py` records
+    (hub_text / fineweb.MANIFEST).write_text(json.dumps(manifest))
+    (no_manifest / fineweb.MANIFEST).unlink()  # shards without a manifest: the lecture's own, say
+    for args, out in ((["--download"], tokenised), (["--download"], hub_text), (["--download"], no_manifest),
+                      (["--data-files", data, "--shard-size", 3000], downloaded),
+                      (["--data-files", data], downloaded)):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        with pytest.raises(SystemExit) as e:
+            fw(*args, "--out-dir", out)
+        assert "--overwrite" in str(e.value.code) and "\n" not in str(e.value.code)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    fw("--download", "--max-shards", 2, "--out-dir", tokenised, "--overwrite")
+    assert shard_bytes(tokenised) == shard_bytes(downloaded)
+    with pytest.raises(SystemExit) as e:
+        fw("--download", "--shard-size", 3000, "--out-dir", tmp_path / "other")
+    assert "--shard-size" in str(e.value.code) and not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("error", ["LocalEntryNotFoundError", "OfflineModeIsEnabled",
+                                   "requests.ConnectionError", "ConnectionError", "ENOSPC",
+                                   "ConnectionError-with-partial"])
+def test_download_failure_is_one_line(tmp_path, monkeypatch, error):
+    """Whatever the hub client raises (its offline errors, a requests or a builtin connection
+    error, a full disk while it writes): one line that names the dataset and the other way; the
+    out-dir this run made is gone again, unless it holds a partial download to resume."""
+    import requests
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    exc = {"LocalEntryNotFoundError": LocalEntryNotFoundError("cannot find the requested files"),
+           "OfflineModeIsEnabled": OfflineModeIsEnabled("offline mode is enabled"),
+           "requests.ConnectionError": requests.ConnectionError("Max retries exceeded"),
+           "ENOSPC": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))}.get(
+               error, ConnectionError("Connection reset by peer"))
+    partial = tmp_path / "out" / fineweb.DOWNLOAD_DIR / ".cache" / f"{bin_name(0)}.incomplete"
+
+    def fetch(filename, local_dir):
+        (local_dir / ".cache").mkdir(parents=True)  # as the client makes it
+        if error.endswith("partial"):
+            partial.write_bytes(b"the first bytes")
+        raise exc
+    monkeypatch.setattr(fineweb, "hub_download", fetch)
+    with pytest.raises(SystemExit) as e:
+        fw("--download", "--out-dir", tmp_path / "out")
+    line = str(e.value.code)
+    assert "\n" not in line and "kjj0/finewebedu10B-gpt2" in line and type(exc).__name__ in line
+    assert "`python fineweb.py`" in line and "HF_ENDPOINT" in line
+    assert partial.exists() if error.endswith("partial") else not (tmp_path / "out").exists()
+
+
+def test_download_offline_is_one_line(tmp_path):
+    """The real hub client, offline (HF_HUB_OFFLINE=1, as in this workplace)."""
+    out = tmp_path / "out"
+    r = run_script("fineweb", "--download", "--out-dir", out, env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0
+    line = one_error_line(r.stderr)
+    assert "kjj0/finewebedu10B-gpt2" in line and "finewebedu_val_000000.bin" in line
+    assert "`python fineweb.py`" in line
+    assert not out.exists()
+
+
+def serve_hub(folder, drop_first_get_of=None):
+    """A local HTTP server that answers the hub client as an HF_ENDPOINT mirror does: HEAD and GET
+    (with Range) of /datasets/{repo}/resolve/main/{file}. The first GET of `drop_first_get_of`
+    breaks off 1 MB before the end. Returns (server, requests seen as (method, file, Range))."""
+    prefix, seen = f"/datasets/{fineweb.TOKENS_REPO}/resolve/main/", []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def reply(self, method):
+            name = self.path[len(prefix):] if self.path.startswith(prefix) else ""
+            if name:  # (the client also asks the endpoint for other things: not found here)
+                seen.append((method, name, self.headers.get("Range")))
+            path = folder / name
+            if not name or not path.is_file():
+                self.send_response(404)
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.end_headers()
+                return
+            data = path.read_bytes()
+            start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+            self.send_response(206 if start else 200)
+            self.send_header("X-Repo-Commit", "0" * 40)
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("Content-Length", str(len(data) - start))
+            self.send_header("Accept-Ranges", "bytes")
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.end_headers()
+            if method == "GET":
+                drop = name == drop_first_get_of and [m for m, n, _ in seen if n == name].count("GET") == 1
+                self.wfile.write(data[start:-10**6] if drop else data[start:])
+
+        def do_HEAD(self):
+            self.reply("HEAD")
+
+        def do_GET(self):
+            self.reply("GET")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+def test_download_through_hf_endpoint_mirror_then_stage7_trains(tmp_path):
+    """`python fineweb.py --download --max-shards 3` through the real hub client pointed at a local
+    mirror by HF_ENDPOINT: a download broken off near its end resumes (a Range request: the client
+    keeps what it has in 10 MB chunks, so shard 1 is 12 MB), the shards are the .bin files' tokens,
+    no .bin is left and the hub cache (HF_HOME) holds no copy; then stage 7 trains on them."""
+    tokens = make_hub(tmp_path / "hub", [3001, 6_000_000, 4099])
+    server, seen = serve_hub(tmp_path / "hub", drop_first_get_of=bin_name(1))
+    out, hf_home = tmp_path / "shards", tmp_path / "hf_home"
+    try:
+        r = run_script("fineweb", "--download", "--max-shards", 3, "--out-dir", out,
+                       env={"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HUB_OFFLINE": "0",
+                            "HF_HOME": str(hf_home), "HF_HUB_DISABLE_XET": "1", "NO_PROXY": "127.0.0.1"})
+    finally:
+        server.shutdown()
+    assert r.returncode == 0, r.stdout + r.stderr
+    gets = [(n, rng) for m, n, rng in seen if m == "GET"]
+    assert [n for n, _ in gets] == [bin_name(0), bin_name(1), bin_name(1), bin_name(2)]
+    assert gets[2][1] is not None and gets[2][1].startswith("bytes=")  # resumed, not restarted
+    assert shard_bytes(out) == {npy_name(i): npy_bytes(t) for i, t in enumerate(tokens)}
+    assert sorted(p.name for p in out.iterdir()) == sorted([fineweb.MANIFEST, *map(npy_name, range(3))])
+    assert not [p for p in hf_home.rglob("*") if p.is_file() and p.stat().st_size > 1000]
+
+    _, rows = run7("--data-dir", out, "--log-dir", tmp_path / "log", "--steps", "1")
+    assert [r["step"] for r in rows] == [0] and 10 < rows[0]["loss"] < 11.5  # ~ln(50257) at init
