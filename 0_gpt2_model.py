@@ -147,7 +147,8 @@ def generate(model, idx, max_length, generator=None):
     return idx
 
 
-def main(argv=None):
+def make_parser():
+    """The flags; their defaults are the lecture's values."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-head", type=int, default=12)
@@ -155,13 +156,17 @@ def main(argv=None):
     parser.add_argument("--num-return-sequences", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=30)
     parser.add_argument("--seed", type=int, default=42)
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head != 0:
         sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
 
     torch.manual_seed(args.seed)
     model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
-    model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}")  # 163,037,184 for 124M: lm_head is not yet tied to wte
 
@@ -173,7 +178,7 @@ def main(argv=None):
 
     # a random model predicts close to uniformly over 50257 tokens, so expect gibberish
     g = torch.Generator().manual_seed(args.seed)
-    for row in generate(model, prompt, max_length=args.max_length, generator=g):
+    for row in generate(model.eval(), prompt, max_length=args.max_length, generator=g):
         print(">", enc.decode(row.tolist()))
 
 

@@ -14,7 +14,6 @@ Diff:  diff 0_gpt2_model.py 1_gpt2_hf_eval.py
 """
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -127,32 +126,27 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """GPT-2 weights from the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from
-        a local directory written by GPT2LMHeadModel.save_pretrained (sizes read from its config)."""
+        """GPT-2's weights: a hub name (see PRETRAINED) or a directory GPT2LMHeadModel.save_pretrained wrote."""
+        from safetensors import SafetensorError
         from transformers import GPT2LMHeadModel
-        if not os.path.isdir(name_or_dir) and name_or_dir not in PRETRAINED:
-            raise ValueError(f"unknown model '{name_or_dir}': use one of {', '.join(PRETRAINED)} "
-                             "or a directory written by GPT2LMHeadModel.save_pretrained")
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except OSError as e:  # no network and nothing cached, or not a GPT-2 checkpoint
-            raise OSError(f"could not load '{name_or_dir}' with transformers ({str(e).splitlines()[0]}); "
-                          "connect to the internet once, or pass a local save_pretrained directory") from e
+        except (OSError, SafetensorError) as e:  # offline with nothing cached, not GPT-2's, or cut short
+            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); connect to the internet "
+                          "once, or pass a local save_pretrained directory") from e
         c = hf.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
-                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
-        model = GPT(config)
-        sd = model.state_dict()
-        sd_hf = hf.state_dict()
-        keys = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
-        assert sorted(keys) == sorted(sd), "state-dict keys differ from GPT-2's"
+        model = GPT(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                              n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
+        sd, sd_hf = model.state_dict(), hf.state_dict()
+        assert sorted(sd_hf) == sorted(sd), "state-dict keys differ from GPT-2's"
         # OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
-            for k in keys:
-                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
-                assert w.shape == sd[k].shape, f"{k}: {tuple(w.shape)} vs {tuple(sd[k].shape)}"
-                sd[k].copy_(w)
+            for k in sd_hf:
+                sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
+            idx = torch.arange(8).unsqueeze(0)  # our module must compute what Hugging Face's does
+            diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
+        print(f"loaded {name_or_dir}: max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
         return model
 
 
@@ -196,37 +190,35 @@ def generate(model, idx, max_length, generator=None, top_k=50):
     return idx
 
 
-def main(argv=None):
+def make_parser():
+    """The flags; their defaults are the lecture's values."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2", help=f"{' | '.join(PRETRAINED)} or a local directory")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--num-return-sequences", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=30)
     parser.add_argument("--seed", type=int, default=42)
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
     print(f"using device: {device}")
     try:
         model = GPT.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
+    except OSError as e:
         sys.exit(f"error: {e}")
-    model.eval()
     model.to(device)
 
     enc = gpt2_tokenizer()
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens
     prompt = prompt.unsqueeze(0).repeat(args.num_return_sequences, 1)  # (5, 8)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    for row in generate(model, prompt, max_length=args.max_length, generator=g):
+    for row in generate(model.eval(), prompt, max_length=args.max_length, generator=g):
         print(">", enc.decode(row.tolist()))
-
-    # our module with OpenAI's weights must compute what Hugging Face's does
-    from transformers import GPT2LMHeadModel
-    hf = GPT2LMHeadModel.from_pretrained(args.model).to(device).eval()
-    with torch.no_grad():
-        diff = (model(prompt[:1])[0] - hf(prompt[:1]).logits).abs().max().item()
-    print(f"max |logits - GPT2LMHeadModel logits| on the prompt: {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -125,32 +125,27 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """GPT-2 weights from the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from
-        a local directory written by GPT2LMHeadModel.save_pretrained (sizes read from its config)."""
+        """GPT-2's weights: a hub name (see PRETRAINED) or a directory GPT2LMHeadModel.save_pretrained wrote."""
+        from safetensors import SafetensorError
         from transformers import GPT2LMHeadModel
-        if not os.path.isdir(name_or_dir) and name_or_dir not in PRETRAINED:
-            raise ValueError(f"unknown model '{name_or_dir}': use one of {', '.join(PRETRAINED)} "
-                             "or a directory written by GPT2LMHeadModel.save_pretrained")
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except OSError as e:  # no network and nothing cached, or not a GPT-2 checkpoint
-            raise OSError(f"could not load '{name_or_dir}' with transformers ({str(e).splitlines()[0]}); "
-                          "connect to the internet once, or pass a local save_pretrained directory") from e
+        except (OSError, SafetensorError) as e:  # offline with nothing cached, not GPT-2's, or cut short
+            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); connect to the internet "
+                          "once, or pass a local save_pretrained directory") from e
         c = hf.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
-                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
-        model = GPT(config)
-        sd = model.state_dict()
-        sd_hf = hf.state_dict()
-        keys = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
-        assert sorted(keys) == sorted(sd), "state-dict keys differ from GPT-2's"
+        model = GPT(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                              n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
+        sd, sd_hf = model.state_dict(), hf.state_dict()
+        assert sorted(sd_hf) == sorted(sd), "state-dict keys differ from GPT-2's"
         # OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
-            for k in keys:
-                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
-                assert w.shape == sd[k].shape, f"{k}: {tuple(w.shape)} vs {tuple(sd[k].shape)}"
-                sd[k].copy_(w)
+            for k in sd_hf:
+                sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
+            idx = torch.arange(8).unsqueeze(0)  # our module must compute what Hugging Face's does
+            diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
+        print(f"loaded {name_or_dir}: max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
         return model
 
 
@@ -160,14 +155,12 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774
 # data
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the working directory
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 def load_tokens(path):
     """GPT-2 BPE token ids of a text file, as a 1-D long tensor (338,025 for tiny Shakespeare)."""
     if not os.path.isfile(path):
-        sys.exit(f"error: {path} not found; download tiny Shakespeare from {SHAKESPEARE_URL} "
-                 "to that path, or pass --input FILE")
+        sys.exit(f"error: {path} not found; pass --input FILE (tiny Shakespeare: input.txt in this repository)")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     enc = gpt2_tokenizer()
@@ -186,13 +179,6 @@ def pick_device(name):
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
         sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
     return name
-
-
-def out_of_memory(B, T, device):
-    """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
-    gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
-    hint = f"try -B {B // 2}" if B > 1 else "try a smaller -T"
-    return f"error: out of memory at -B {B} -T {T} on {device}" + (f" ({gib:.0f} GiB)" if gib else "") + f"; {hint}"
 
 
 def gpt2_tokenizer():
@@ -219,7 +205,8 @@ def generate(model, idx, max_length, generator=None, top_k=50):
     return idx
 
 
-def main(argv=None):
+def make_parser():
+    """The flags; their defaults are the lecture's values."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("-B", "--batch-size", type=int, default=4)
@@ -232,16 +219,18 @@ def main(argv=None):
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)
     parser.add_argument("--input", default=os.path.join(HERE, "input.txt"))
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     device = pick_device(args.device)
     B, T = args.batch_size, args.seq_len
-    if min(B, args.steps) < 1 or not 1 <= T <= config.block_size:
-        sys.exit(f"error: need B >= 1, steps >= 1 and 1 <= T <= block size {config.block_size} "
-                 f"(got B={B}, T={T}, steps={args.steps})")
-    if args.n_embd % args.n_head != 0:
-        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
-
+    if B < 1 or not 1 <= T <= config.block_size or args.n_embd % args.n_head:
+        sys.exit(f"error: need -B >= 1, 1 <= -T <= block size {config.block_size} and --n-embd a multiple of "
+                 f"--n-head (got -B {B} -T {T} --n-embd {args.n_embd} --n-head {args.n_head})")
     print(f"using device: {device}")
     torch.manual_seed(args.seed)
     tokens = load_tokens(args.input)
@@ -255,16 +244,17 @@ def main(argv=None):
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     losses = []
-    for step in range(args.steps):
-        optimizer.zero_grad()
-        try:
+    try:  # out of memory anywhere in a step (forward, backward, AdamW's first step allocates its state)
+        for step in range(args.steps):
+            optimizer.zero_grad()
             logits, loss = model(x, y)
             loss.backward()
-        except torch.OutOfMemoryError:
-            sys.exit(out_of_memory(B, T, device))
-        optimizer.step()
-        losses.append(loss.item())  # .item() waits for the device and moves the loss to the CPU
-        print(f"step {step:5d} | loss {losses[-1]:.6f}")
+            optimizer.step()
+            losses.append(loss.item())  # .item() waits for the device and moves the loss to the CPU
+            print(f"step {step:5d} | loss {losses[-1]:.6f}")
+    except torch.OutOfMemoryError:  # -B x -T does not fit this GPU: one line, with what to try
+        hint = f"-B {B // 2}" if B > 1 else "a smaller -T"
+        sys.exit(f"error: out of memory at -B {B} -T {T} on {device}; try {hint}")
 
     enc = gpt2_tokenizer()
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens

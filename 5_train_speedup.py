@@ -21,13 +21,13 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import tiktoken
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils._triton import has_triton
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -142,32 +142,27 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """GPT-2 weights from the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from
-        a local directory written by GPT2LMHeadModel.save_pretrained (sizes read from its config)."""
+        """GPT-2's weights: a hub name (see PRETRAINED) or a directory GPT2LMHeadModel.save_pretrained wrote."""
+        from safetensors import SafetensorError
         from transformers import GPT2LMHeadModel
-        if not os.path.isdir(name_or_dir) and name_or_dir not in PRETRAINED:
-            raise ValueError(f"unknown model '{name_or_dir}': use one of {', '.join(PRETRAINED)} "
-                             "or a directory written by GPT2LMHeadModel.save_pretrained")
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except OSError as e:  # no network and nothing cached, or not a GPT-2 checkpoint
-            raise OSError(f"could not load '{name_or_dir}' with transformers ({str(e).splitlines()[0]}); "
-                          "connect to the internet once, or pass a local save_pretrained directory") from e
+        except (OSError, SafetensorError) as e:  # offline with nothing cached, not GPT-2's, or cut short
+            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); connect to the internet "
+                          "once, or pass a local save_pretrained directory") from e
         c = hf.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
-                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
-        model = GPT(config)
-        sd = model.state_dict()
-        sd_hf = hf.state_dict()
-        keys = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
-        assert sorted(keys) == sorted(sd), "state-dict keys differ from GPT-2's"
+        model = GPT(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                              n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
+        sd, sd_hf = model.state_dict(), hf.state_dict()
+        assert sorted(sd_hf) == sorted(sd), "state-dict keys differ from GPT-2's"
         # OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
-            for k in keys:
-                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
-                assert w.shape == sd[k].shape, f"{k}: {tuple(w.shape)} vs {tuple(sd[k].shape)}"
-                sd[k].copy_(w)
+            for k in sd_hf:
+                sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
+            idx = torch.arange(8).unsqueeze(0)  # our module must compute what Hugging Face's does
+            diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
+        print(f"loaded {name_or_dir}: max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
         return model
 
 
@@ -177,14 +172,12 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774
 # data
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the working directory
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 def load_tokens(path):
     """GPT-2 BPE token ids of a text file, as a 1-D long tensor (338,025 for tiny Shakespeare)."""
     if not os.path.isfile(path):
-        sys.exit(f"error: {path} not found; download tiny Shakespeare from {SHAKESPEARE_URL} "
-                 "to that path, or pass --input FILE")
+        sys.exit(f"error: {path} not found; pass --input FILE (tiny Shakespeare: input.txt in this repository)")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     enc = gpt2_tokenizer()
@@ -195,9 +188,7 @@ class DataLoaderLite:
     """Consecutive (B, T) batches over a 1-D token tensor, epoch after epoch."""
 
     def __init__(self, tokens, B, T):
-        if len(tokens) < B * T + 1:
-            raise ValueError(f"{len(tokens)} tokens are fewer than one batch needs (B*T+1 = {B * T + 1})")
-        self.tokens = tokens
+        self.tokens = tokens  # at least B*T+1 of them: main checks
         self.B, self.T = B, T
         print(f"loaded {len(tokens):,} tokens; 1 epoch = {(len(tokens) - 1) // (B * T):,} batches")
         self.current_position = 0
@@ -218,51 +209,20 @@ class DataLoaderLite:
 # ----------------------------------------------------------------------------------------------
 # helpers
 
-# peak dense bf16 (= fp16) / tf32 tensor-core TFLOP/s from NVIDIA's data sheets (first match in the name)
-PEAK_TFLOPS = {"A100": (312.0, 156.0), "H100 PCIe": (756.0, 378.0), "H100": (989.4, 494.7), "H200": (989.4, 494.7)}
+# dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets (fp16 on T4 and V100, which have no bf16), for
+# MFU; the first name found in the GPU's name wins, so "H100 PCIe" comes before "H100" and "L40S" before "L4"
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989, "B200": 2250,
+               "A100": 312, "L40S": 362, "L40": 181, "L4": 121, "RTX 5090": 209, "RTX 4090": 165, "RTX 3090": 71,
+               "A6000": 155, "T4": 65, "V100": 125}
 
 
-def peak_flops(device_type, dtype, override_tflops):
-    """The chip's peak FLOP/s for MFU: --peak-tflops, else looked up from the GPU's name."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for chip, (bf16, tf32) in PEAK_TFLOPS.items():
-            if chip in name:
-                return (tf32 if dtype == torch.float32 else bf16) * 1e12
-    return None  # unknown chip, or a CPU: no mfu field
-
-
-def flops_per_token(model, T):
-    """6N for the weights' forward + backward matmuls, plus 12 L H Q T for attention (PaLM
-    paper, appendix B); N leaves out the position embeddings, which are a lookup, not a matmul."""
-    cfg = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
-    return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
-
-
-def autocast_supported(device_type, dtype):
-    """Ask torch whether autocast on this device runs matmuls in `dtype` (and not by emulation)."""
-    if device_type == "cuda" and dtype == torch.bfloat16:  # compute capability < 8.0 emulates it, slowly
+def native_bf16(device_type):
+    """Does this chip compute bf16 itself? Where it only emulates it, bf16 is slower than float32."""
+    if device_type == "cuda":  # Ampere (compute capability 8.0) and later; a T4 or V100 emulates it
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    try:
-        with warnings.catch_warnings(), torch.autocast(device_type, dtype=dtype):
-            warnings.simplefilter("ignore")  # an unsupported dtype switches autocast off, with a warning
-            x = torch.ones(2, 2, device=device_type)
-            return (x @ x).dtype == dtype
-    except (RuntimeError, TypeError):
-        return False
-
-
-def compile_unavailable(device_type):
-    """Why torch.compile cannot run here, or None: it needs Triton on a GPU, a C++ compiler on a CPU."""
-    if device_type == "mps":
-        return "torch.compile is not used on mps here"
-    if device_type == "cuda":
-        from torch.utils._triton import has_triton
-        return None if has_triton() else "Triton is not installed"
-    return None if shutil.which("c++") or shutil.which("g++") or shutil.which("cl") else "no C++ compiler found"
+    if device_type == "mps":  # Apple GPUs, from macOS 14
+        return torch.backends.mps.is_macos_or_newer(14, 0)
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # e.g. Zen 4, Xeon 4th gen
 
 
 def pick_device(name):
@@ -273,13 +233,6 @@ def pick_device(name):
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
         sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
     return name
-
-
-def out_of_memory(B, T, device):
-    """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
-    gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
-    hint = f"try -B {B // 2}" if B > 1 else "try a smaller -T"
-    return f"error: out of memory at -B {B} -T {T} on {device}" + (f" ({gib:.0f} GiB)" if gib else "") + f"; {hint}"
 
 
 def gpt2_tokenizer():
@@ -306,11 +259,12 @@ def generate(model, idx, max_length, generator=None, top_k=50):
     return idx
 
 
-def main(argv=None):
+def make_parser():
+    """The flags; their defaults are the lecture's values."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("-B", "--batch-size", type=int, default=None, help="16 (4 on CPU)")
-    parser.add_argument("-T", "--seq-len", type=int, default=None, help="1024 (128 on CPU)")
+    parser.add_argument("-B", "--batch-size", type=int, default=16, help="16 (4 on CPU)")
+    parser.add_argument("-T", "--seq-len", type=int, default=1024, help="1024 (128 on CPU)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--num-return-sequences", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=30)
@@ -321,87 +275,88 @@ def main(argv=None):
     parser.add_argument("--input", default=os.path.join(HERE, "input.txt"))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on for CUDA, off elsewhere)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                        help="autocast dtype of the forward pass (float16 adds a gradient scaler)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="peak for mfu")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="autocast dtype (default: bfloat16 where native, else float16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak, for mfu")
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
-    # 50304 = 393 * 128: many CUDA kernels work in blocks of 64 or 128 and take a slow path for
-    # the remainder; the 47 extra rows are never targets, so their logits are just pushed down
+    # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 extra rows are never targets
     config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     device = pick_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
-    # the lecture's values are for GPUs (on a CPU they take minutes per step); flags override
-    full, small = dict(batch_size=16, seq_len=1024), dict(batch_size=4, seq_len=128)
-    unset = [k for k in full if getattr(args, k) is None]
-    for k in unset:
-        setattr(args, k, (full if device_type != "cpu" else small)[k])
-    if device_type == "cpu" and unset:
-        print("cpu: small defaults " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in unset))
+    if device_type == "cpu":  # the lecture's values are for a GPU: on a CPU a step would take minutes
+        parser.set_defaults(batch_size=4, seq_len=128)
+        args = parser.parse_args(argv)
     B, T = args.batch_size, args.seq_len
-    if min(B, args.steps) < 1 or not 1 <= T <= config.block_size:
-        sys.exit(f"error: need B >= 1, steps >= 1 and 1 <= T <= block size {config.block_size} "
-                 f"(got B={B}, T={T}, steps={args.steps})")
-    if args.n_embd % args.n_head != 0:
-        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
-
+    if B < 1 or not 1 <= T <= config.block_size or args.n_embd % args.n_head:
+        sys.exit(f"error: need -B >= 1, 1 <= -T <= block size {config.block_size} and --n-embd a multiple of "
+                 f"--n-head (got -B {B} -T {T} --n-embd {args.n_embd} --n-head {args.n_head})")
     print(f"using device: {device}")
     torch.manual_seed(args.seed)
-    try:
-        train_loader = DataLoaderLite(load_tokens(args.input), B, T)
-    except ValueError as e:
-        sys.exit(f"error: {args.input}: {e}")
+    tokens = load_tokens(args.input)
+    if len(tokens) < B * T + 1:
+        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}")
+    train_loader = DataLoaderLite(tokens, B, T)
 
     # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
     # FLOP/s on an A100); activations and weights stay fp32 in memory
     torch.set_float32_matmul_precision("high")
-    dtype = getattr(torch, args.dtype)
-    if dtype != torch.float32 and not autocast_supported(device_type, dtype):
-        # T4, V100, RTX 20xx (compute capability < 8.0) have fp16 tensor cores, but no bf16
-        fallback = torch.float16 if autocast_supported(device_type, torch.float16) else torch.float32
-        print(f"{device_type}: no {args.dtype} autocast here, using {str(fallback)[6:]}")
-        dtype = fallback
+    # bf16 where the chip computes it, else fp16 + grad scaler on a GPU (T4, V100), float32 on a CPU
+    dtype = getattr(torch, args.dtype or ("bfloat16" if native_bf16(device_type) else
+                                          "float32" if device_type == "cpu" else "float16"))
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler", torch.float32: "off (float32)"}[dtype]
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
-    if use_compile and (why := compile_unavailable(device_type)):
-        print(f"not compiling: {why}; running eager")
+    # inductor writes Triton kernels for a GPU (PyTorch ships no Triton for Windows) and C++ for a CPU
+    compiler = "Triton" if device_type == "cuda" else "a C++ compiler"
+    if use_compile and not (has_triton() if device_type == "cuda" else shutil.which("c++") or shutil.which("cl")):
+        print(f"not compiling: torch.compile needs {compiler} here; running eager")
         use_compile = False
-    print(f"settings: {device_type} | autocast {amp} | compile {'on' if use_compile else 'off'}")
+    print(f"settings: {device_type} | B {B} T {T} | autocast {amp} | compile {'on' if use_compile else 'off'}")
 
     model = GPT(config)
     model.to(device)
     raw_model = model  # sampling's growing lengths would make a compiled model recompile
     if use_compile:
         model = torch.compile(model)  # fuses elementwise ops: fewer trips to GPU memory
-    flops_peak = peak_flops(device_type, dtype, args.peak_tflops)
-    flops_step = flops_per_token(raw_model, T) * B * T
+    # MFU, the lecture's yardstick: FLOPs per step / dt / the GPU's peak. 6 FLOPs per weight and token (forward
+    # + backward) plus attention's 12 * n_layer * n_embd * T (PaLM paper, appendix B); wpe is a lookup, no FLOPs
+    n_params = sum(p.numel() for p in raw_model.parameters()) - raw_model.transformer.wpe.weight.numel()
+    flops_step = (6 * n_params + 12 * config.n_layer * config.n_embd * T) * B * T
+    gpu = torch.cuda.get_device_name(device) if device_type == "cuda" and dtype != torch.float32 else ""
+    peak = args.peak_tflops or next((tflops for name, tflops in PEAK_TFLOPS.items() if name in gpu), None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     # fp16 keeps 5 exponent bits (bf16 keeps fp32's 8): gradients below ~6e-8 flush to 0. The scaler
     # multiplies the loss, so every gradient, by a large factor and divides it out before the update
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     losses = []
-    for step in range(args.steps):
-        t0 = time.time()
-        x, y = train_loader.next_batch()
-        x, y = x.to(device), y.to(device)
-        optimizer.zero_grad()
-        # autocast runs matmuls in bf16 (fp16); softmax, layernorm and the loss stay in fp32
-        try:
+    try:  # out of memory anywhere in a step (forward, backward, AdamW's first step allocates its state)
+        for step in range(args.steps):
+            t0 = time.time()
+            x, y = train_loader.next_batch()
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            # autocast runs matmuls in bf16 (fp16); softmax, layernorm and the loss stay in fp32
             with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
                 logits, loss = model(x, y)
             scaler.scale(loss).backward()  # a no-op scale unless float16
-        except torch.OutOfMemoryError:
-            sys.exit(out_of_memory(B, T, device))
-        scale = scaler.get_scale()
-        scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
-        scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
-        # torch.cuda (.mps, .cpu).synchronize(): wait for the queued GPU work, or dt stops too early
-        getattr(torch, device_type).synchronize()
-        dt = time.time() - t0
-        losses.append(loss.item())  # .item() waits for the device and moves the loss to the CPU
-        line = f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f} | tok/s {B * T / dt:.0f}"
-        if flops_peak:
-            line += f" | mfu {100 * flops_step / dt / flops_peak:.2f}"
-        print(line + (" | skipped 1" if scaler.get_scale() < scale else ""))
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
+            scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
+            # torch.cuda (.mps, .cpu).synchronize(): wait for the queued GPU work, or dt stops too early
+            getattr(torch, device_type).synchronize()
+            dt = time.time() - t0
+            losses.append(loss.item())  # .item() waits for the device and moves the loss to the CPU
+            line = f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f} | tok/s {B * T / dt:.0f}"
+            if peak:
+                line += f" | mfu {100 * flops_step / dt / (peak * 1e12):.2f}"
+            print(line + (" | skipped 1" if scaler.get_scale() < scale else ""))
+    except torch.OutOfMemoryError:  # -B x -T does not fit this GPU: one line, with what to try
+        hint = f"-B {B // 2}" if B > 1 else "a smaller -T"
+        sys.exit(f"error: out of memory at -B {B} -T {T} on {device}; try {hint}")
 
     enc = gpt2_tokenizer()
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens

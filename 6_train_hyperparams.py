@@ -20,13 +20,13 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import tiktoken
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils._triton import has_triton
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -155,32 +155,27 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """GPT-2 weights from the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from
-        a local directory written by GPT2LMHeadModel.save_pretrained (sizes read from its config)."""
+        """GPT-2's weights: a hub name (see PRETRAINED) or a directory GPT2LMHeadModel.save_pretrained wrote."""
+        from safetensors import SafetensorError
         from transformers import GPT2LMHeadModel
-        if not os.path.isdir(name_or_dir) and name_or_dir not in PRETRAINED:
-            raise ValueError(f"unknown model '{name_or_dir}': use one of {', '.join(PRETRAINED)} "
-                             "or a directory written by GPT2LMHeadModel.save_pretrained")
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except OSError as e:  # no network and nothing cached, or not a GPT-2 checkpoint
-            raise OSError(f"could not load '{name_or_dir}' with transformers ({str(e).splitlines()[0]}); "
-                          "connect to the internet once, or pass a local save_pretrained directory") from e
+        except (OSError, SafetensorError) as e:  # offline with nothing cached, not GPT-2's, or cut short
+            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); connect to the internet "
+                          "once, or pass a local save_pretrained directory") from e
         c = hf.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
-                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
-        model = GPT(config)
-        sd = model.state_dict()
-        sd_hf = hf.state_dict()
-        keys = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
-        assert sorted(keys) == sorted(sd), "state-dict keys differ from GPT-2's"
+        model = GPT(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                              n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
+        sd, sd_hf = model.state_dict(), hf.state_dict()
+        assert sorted(sd_hf) == sorted(sd), "state-dict keys differ from GPT-2's"
         # OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
-            for k in keys:
-                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
-                assert w.shape == sd[k].shape, f"{k}: {tuple(w.shape)} vs {tuple(sd[k].shape)}"
-                sd[k].copy_(w)
+            for k in sd_hf:
+                sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
+            idx = torch.arange(8).unsqueeze(0)  # our module must compute what Hugging Face's does
+            diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
+        print(f"loaded {name_or_dir}: max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
         return model
 
 
@@ -190,14 +185,12 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774
 # data
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the working directory
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 def load_tokens(path):
     """GPT-2 BPE token ids of a text file, as a 1-D long tensor (338,025 for tiny Shakespeare)."""
     if not os.path.isfile(path):
-        sys.exit(f"error: {path} not found; download tiny Shakespeare from {SHAKESPEARE_URL} "
-                 "to that path, or pass --input FILE")
+        sys.exit(f"error: {path} not found; pass --input FILE (tiny Shakespeare: input.txt in this repository)")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     enc = gpt2_tokenizer()
@@ -208,9 +201,7 @@ class DataLoaderLite:
     """Consecutive (B, T) batches over a 1-D token tensor, epoch after epoch."""
 
     def __init__(self, tokens, B, T):
-        if len(tokens) < B * T + 1:
-            raise ValueError(f"{len(tokens)} tokens are fewer than one batch needs (B*T+1 = {B * T + 1})")
-        self.tokens = tokens
+        self.tokens = tokens  # at least B*T+1 of them: main checks
         self.B, self.T = B, T
         print(f"loaded {len(tokens):,} tokens; 1 epoch = {(len(tokens) - 1) // (B * T):,} batches")
         self.current_position = 0
@@ -231,73 +222,41 @@ class DataLoaderLite:
 # ----------------------------------------------------------------------------------------------
 # helpers
 
-# peak dense bf16 (= fp16) / tf32 tensor-core TFLOP/s from NVIDIA's data sheets (first match in the name)
-PEAK_TFLOPS = {"A100": (312.0, 156.0), "H100 PCIe": (756.0, 378.0), "H100": (989.4, 494.7), "H200": (989.4, 494.7)}
+# dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets (fp16 on T4 and V100, which have no bf16), for
+# MFU; the first name found in the GPU's name wins, so "H100 PCIe" comes before "H100" and "L40S" before "L4"
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989, "B200": 2250,
+               "A100": 312, "L40S": 362, "L40": 181, "L4": 121, "RTX 5090": 209, "RTX 4090": 165, "RTX 3090": 71,
+               "A6000": 155, "T4": 65, "V100": 125}
 
 
-def peak_flops(device_type, dtype, override_tflops):
-    """The chip's peak FLOP/s for MFU: --peak-tflops, else looked up from the GPU's name."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for chip, (bf16, tf32) in PEAK_TFLOPS.items():
-            if chip in name:
-                return (tf32 if dtype == torch.float32 else bf16) * 1e12
-    return None  # unknown chip, or a CPU: no mfu field
-
-
-def flops_per_token(model, T):
-    """6N for the weights' forward + backward matmuls, plus 12 L H Q T for attention (PaLM
-    paper, appendix B); N leaves out the position embeddings, which are a lookup, not a matmul."""
-    cfg = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
-    return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
-
-
-def autocast_supported(device_type, dtype):
-    """Ask torch whether autocast on this device runs matmuls in `dtype` (and not by emulation)."""
-    if device_type == "cuda" and dtype == torch.bfloat16:  # compute capability < 8.0 emulates it, slowly
+def native_bf16(device_type):
+    """Does this chip compute bf16 itself? Where it only emulates it, bf16 is slower than float32."""
+    if device_type == "cuda":  # Ampere (compute capability 8.0) and later; a T4 or V100 emulates it
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    try:
-        with warnings.catch_warnings(), torch.autocast(device_type, dtype=dtype):
-            warnings.simplefilter("ignore")  # an unsupported dtype switches autocast off, with a warning
-            x = torch.ones(2, 2, device=device_type)
-            return (x @ x).dtype == dtype
-    except (RuntimeError, TypeError):
-        return False
+    if device_type == "mps":  # Apple GPUs, from macOS 14
+        return torch.backends.mps.is_macos_or_newer(14, 0)
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # e.g. Zen 4, Xeon 4th gen
 
 
 def get_lr(step, max_lr, warmup_steps, max_steps):
-    """Linear warmup to max_lr over warmup_steps, then cosine decay to 10% of it at the last
-    step (max_steps - 1), constant after (GPT-3 paper, appendix B)."""
+    """The lecture's (GPT-3 paper, appendix B): linear warmup to max_lr, cosine decay to 10% of it. As in its code,
+    the peak lasts two steps (decay_ratio is 0 at warmup_steps) and the last step ends just above min_lr."""
     min_lr = max_lr * 0.1
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps  # step 0 already takes a small step
-    if step >= max_steps - 1:
+    if step > max_steps:
         return min_lr
-    decay_ratio = (step - warmup_steps + 1) / (max_steps - warmup_steps)  # 0 at the peak, 1 at the end
+    decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
 
 
-def divergence_error(step, loss, norm, resume):
-    """The error line for a loss or gradient norm that is nan or inf (the run has diverged), else
-    None: the caller stops before optimizer.step(), which would write the nan into the weights."""
-    bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", norm)) if not math.isfinite(value)]
-    if bad:
-        return (f"error: step {step}: {' and '.join(bad)}: the run diverged and stopped before the optimizer step; "
-                f"{resume}, with a lower --max-lr or a longer --warmup-steps")
+def divergence_error(step, loss, norm, resume="start again"):
+    """The error line when the loss or the gradient norm is nan or inf (the run diverged), else None. Under
+    float16 the caller passes norm 0: an inf/nan gradient is the scaler's to skip, only a nan loss stops."""
+    if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before optimizer.step() writes nan into the weights
+        return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and stopped before the "
+                f"optimizer step; {resume}, with a lower --max-lr or a longer --warmup-steps")
     return None
-
-
-def compile_unavailable(device_type):
-    """Why torch.compile cannot run here, or None: it needs Triton on a GPU, a C++ compiler on a CPU."""
-    if device_type == "mps":
-        return "torch.compile is not used on mps here"
-    if device_type == "cuda":
-        from torch.utils._triton import has_triton
-        return None if has_triton() else "Triton is not installed"
-    return None if shutil.which("c++") or shutil.which("g++") or shutil.which("cl") else "no C++ compiler found"
 
 
 def pick_device(name):
@@ -308,13 +267,6 @@ def pick_device(name):
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
         sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
     return name
-
-
-def out_of_memory(B, T, device):
-    """The one line for a CUDA out-of-memory error: what failed, the GPU's memory, what to try."""
-    gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 0
-    hint = f"try -B {B // 2} (the total batch, and so the run, stay the same)" if B > 1 else "try a smaller -T"
-    return f"error: out of memory at -B {B} -T {T} on {device}" + (f" ({gib:.0f} GiB)" if gib else "") + f"; {hint}"
 
 
 def gpt2_tokenizer():
@@ -341,11 +293,12 @@ def generate(model, idx, max_length, generator=None, top_k=50):
     return idx
 
 
-def main(argv=None):
+def make_parser():
+    """The flags; their defaults are the lecture's values."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("-B", "--batch-size", type=int, default=None, help="16 (4 on CPU)")
-    parser.add_argument("-T", "--seq-len", type=int, default=None, help="1024 (128 on CPU)")
+    parser.add_argument("-B", "--batch-size", type=int, default=16, help="16 (4 on CPU)")
+    parser.add_argument("-T", "--seq-len", type=int, default=1024, help="1024 (128 on CPU)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--num-return-sequences", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=30)
@@ -356,116 +309,111 @@ def main(argv=None):
     parser.add_argument("--input", default=os.path.join(HERE, "input.txt"))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on for CUDA, off elsewhere)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                        help="autocast dtype of the forward pass (float16 adds a gradient scaler)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="peak for mfu")
-    parser.add_argument("--total-batch-size", type=int, default=None,
-                        help="tokens per optimisation step: 524288 (4*B*T on CPU)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="autocast dtype (default: bfloat16 where native, else float16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak, for mfu")
+    parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per step (4*B*T on CPU)")
     parser.add_argument("--max-lr", type=float, default=6e-4)  # GPT-3 125M, table 2.1
     parser.add_argument("--warmup-steps", type=int, default=10)
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
-    # 50304 = 393 * 128: many CUDA kernels work in blocks of 64 or 128 and take a slow path for
-    # the remainder; the 47 extra rows are never targets, so their logits are just pushed down
+    # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 extra rows are never targets
     config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     device = pick_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
-    # the lecture's values are for GPUs (on a CPU they take minutes per step); flags override
-    full, small = dict(batch_size=16, seq_len=1024), dict(batch_size=4, seq_len=128)
-    unset = [k for k in full if getattr(args, k) is None]
-    for k in unset:
-        setattr(args, k, (full if device_type != "cpu" else small)[k])
-    if device_type == "cpu" and unset:
-        print("cpu: small defaults " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in unset))
+    if device_type == "cpu":  # the lecture's values are for a GPU: on a CPU a step would take minutes
+        parser.set_defaults(batch_size=4, seq_len=128, total_batch_size=None)
+        args = parser.parse_args(argv)
     B, T = args.batch_size, args.seq_len
-    if min(B, args.steps) < 1 or not 1 <= T <= config.block_size:
-        sys.exit(f"error: need B >= 1, steps >= 1 and 1 <= T <= block size {config.block_size} "
-                 f"(got B={B}, T={T}, steps={args.steps})")
-    total_batch_size = args.total_batch_size or (524288 if device_type != "cpu" else 4 * B * T)
-    if device_type == "cpu" and args.total_batch_size is None:
-        print(f"cpu: using --total-batch-size {total_batch_size} (the lecture's 524288 is for a GPU)")
+    if B < 1 or not 1 <= T <= config.block_size or args.n_embd % args.n_head:
+        sys.exit(f"error: need -B >= 1, 1 <= -T <= block size {config.block_size} and --n-embd a multiple of "
+                 f"--n-head (got -B {B} -T {T} --n-embd {args.n_embd} --n-head {args.n_head})")
+    total_batch_size = args.total_batch_size or 4 * B * T  # None on a CPU: 4 micro-steps
     if total_batch_size < 1 or total_batch_size % (B * T) != 0:
         sys.exit(f"error: --total-batch-size {total_batch_size} is not a positive multiple of "
                  f"B*T = {B * T}; change it or -B/-T")
     grad_accum_steps = total_batch_size // (B * T)
     print(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps of B*T = {B * T:,}")
-    if args.n_embd % args.n_head != 0:
-        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
-
     print(f"using device: {device}")
     torch.manual_seed(args.seed)
-    try:
-        train_loader = DataLoaderLite(load_tokens(args.input), B, T)
-    except ValueError as e:
-        sys.exit(f"error: {args.input}: {e}")
+    tokens = load_tokens(args.input)
+    if len(tokens) < B * T + 1:
+        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}")
+    train_loader = DataLoaderLite(tokens, B, T)
 
     # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
     # FLOP/s on an A100); activations and weights stay fp32 in memory
     torch.set_float32_matmul_precision("high")
-    dtype = getattr(torch, args.dtype)
-    if dtype != torch.float32 and not autocast_supported(device_type, dtype):
-        # T4, V100, RTX 20xx (compute capability < 8.0) have fp16 tensor cores, but no bf16
-        fallback = torch.float16 if autocast_supported(device_type, torch.float16) else torch.float32
-        print(f"{device_type}: no {args.dtype} autocast here, using {str(fallback)[6:]}")
-        dtype = fallback
+    # bf16 where the chip computes it, else fp16 + grad scaler on a GPU (T4, V100), float32 on a CPU
+    dtype = getattr(torch, args.dtype or ("bfloat16" if native_bf16(device_type) else
+                                          "float32" if device_type == "cpu" else "float16"))
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler", torch.float32: "off (float32)"}[dtype]
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
-    if use_compile and (why := compile_unavailable(device_type)):
-        print(f"not compiling: {why}; running eager")
+    # inductor writes Triton kernels for a GPU (PyTorch ships no Triton for Windows) and C++ for a CPU
+    compiler = "Triton" if device_type == "cuda" else "a C++ compiler"
+    if use_compile and not (has_triton() if device_type == "cuda" else shutil.which("c++") or shutil.which("cl")):
+        print(f"not compiling: torch.compile needs {compiler} here; running eager")
         use_compile = False
-    print(f"settings: {device_type} | autocast {amp} | compile {'on' if use_compile else 'off'}")
+    print(f"settings: {device_type} | B {B} T {T} | autocast {amp} | compile {'on' if use_compile else 'off'}")
 
     model = GPT(config)
     model.to(device)
     raw_model = model  # sampling's growing lengths would make a compiled model recompile
     if use_compile:
         model = torch.compile(model)  # fuses elementwise ops: fewer trips to GPU memory
-    flops_peak = peak_flops(device_type, dtype, args.peak_tflops)
-    flops_step = flops_per_token(raw_model, T) * total_batch_size
+    # MFU, the lecture's yardstick: FLOPs per step / dt / the GPU's peak. 6 FLOPs per weight and token (forward
+    # + backward) plus attention's 12 * n_layer * n_embd * T (PaLM paper, appendix B); wpe is a lookup, no FLOPs
+    n_params = sum(p.numel() for p in raw_model.parameters()) - raw_model.transformer.wpe.weight.numel()
+    flops_step = (6 * n_params + 12 * config.n_layer * config.n_embd * T) * total_batch_size
+    gpu = torch.cuda.get_device_name(device) if device_type == "cuda" and dtype != torch.float32 else ""
+    peak = args.peak_tflops or next((tflops for name, tflops in PEAK_TFLOPS.items() if name in gpu), None)
     optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type=device_type)
     # fp16 keeps 5 exponent bits (bf16 keeps fp32's 8): gradients below ~6e-8 flush to 0. The scaler
     # multiplies the loss, so every gradient, by a large factor and divides it out before the update
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     losses = []
-    resume = "start again"  # after a divergence: this stage writes no checkpoints
-    for step in range(args.steps):
-        t0 = time.time()
-        optimizer.zero_grad()
-        loss_accum = 0.0
-        for micro_step in range(grad_accum_steps):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device), y.to(device)
-            # autocast runs matmuls in bf16 (fp16); softmax, layernorm and the loss stay in fp32
-            try:
+    try:  # out of memory anywhere in a step (forward, backward, AdamW's first step allocates its state)
+        for step in range(args.steps):
+            t0 = time.time()
+            optimizer.zero_grad()
+            loss_accum = 0.0
+            for micro_step in range(grad_accum_steps):
+                x, y = train_loader.next_batch()
+                x, y = x.to(device), y.to(device)
+                # autocast runs matmuls in bf16 (fp16); softmax, layernorm and the loss stay in fp32
                 with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
                     logits, loss = model(x, y)
-                # backward() adds into .grad: dividing each micro-batch's mean loss by the count makes
-                # the sum the mean over all total_batch_size tokens, as one big batch would have it
+                # backward() adds into .grad: 1/count of each micro-batch's mean loss sums to one big batch's
                 loss = loss / grad_accum_steps
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()  # a no-op scale unless float16
-            except torch.OutOfMemoryError:
-                sys.exit(out_of_memory(B, T, device))
-        scaler.unscale_(optimizer)  # float16: clip the true gradients, not the scaled ones
-        # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        # float16: an inf/nan gradient is the scaler's to skip (see below); a nan/inf loss still stops the run
-        error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item(), resume)
-        if error:
-            sys.exit(error)
-        lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
-        scale = scaler.get_scale()
-        scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
-        scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
-        # torch.cuda (.mps, .cpu).synchronize(): wait for the queued GPU work, or dt stops too early
-        getattr(torch, device_type).synchronize()
-        dt = time.time() - t0
-        losses.append(loss_accum.item())  # .item() waits for the device and moves the loss to the CPU
-        line = f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f} | tok/s {total_batch_size / dt:.0f}"
-        if flops_peak:
-            line += f" | mfu {100 * flops_step / dt / flops_peak:.2f}"
-        print(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
+            scaler.unscale_(optimizer)  # float16: clip the true gradients, not the scaled ones
+            # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item())
+            if error:
+                sys.exit(error)
+            lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
+            scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
+            # torch.cuda (.mps, .cpu).synchronize(): wait for the queued GPU work, or dt stops too early
+            getattr(torch, device_type).synchronize()
+            dt = time.time() - t0
+            losses.append(loss_accum.item())  # .item() waits for the device and moves the loss to the CPU
+            line = f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f} | tok/s {total_batch_size / dt:.0f}"
+            if peak:
+                line += f" | mfu {100 * flops_step / dt / (peak * 1e12):.2f}"
+            print(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
+    except torch.OutOfMemoryError:  # -B x -T does not fit this GPU: one line, with what to try
+        hint = f"-B {B // 2} (the total batch, and so the run, stay the same)" if B > 1 else "a smaller -T"
+        sys.exit(f"error: out of memory at -B {B} -T {T} on {device}; try {hint}")
 
     enc = gpt2_tokenizer()
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens

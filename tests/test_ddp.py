@@ -109,7 +109,11 @@ def test_checkpoint_contents(shards, tmp_path):
     ckpt = torch.load(tmp_path / "model_00002.pt", weights_only=True)  # plain types only
     assert ckpt["step"] == 2 and ckpt["config"] == {"block_size": 1024, "vocab_size": 50304, "n_layer": 2,
                                                     "n_head": 2, "n_embd": 32}
-    assert isinstance(ckpt["val_loss"], float) and set(ckpt["loader"]) == {"epoch", "shard", "position"}
+    assert isinstance(ckpt["val_loss"], float) and set(ckpt["loader"]) == {"epoch", "shard", "position", "shards"}
+    # what makes it this run: the train shards (names, sizes) and the total batch and sequence length
+    assert ckpt["loader"]["shards"] == [[f"edufineweb_train_{i:06d}.npy", n] for i, n in
+                                        zip(range(1, 5), [5003, 4099, 6007, 2999])]
+    assert ckpt["run"] == {"total_batch_size": 256, "T": 32}
     assert not [k for k in ckpt["model"] if k.startswith(("module.", "_orig_mod."))]
     assert "state" in ckpt["optimizer"] and "cpu" in ckpt["rng"]
     assert not list(tmp_path.glob("*.tmp"))
@@ -157,9 +161,11 @@ def test_total_batch_not_divisible_by_ranks(shards, tmp_path):
     assert "not a positive multiple of B*T*ranks = 128" in proc.stderr
 
 
-def test_resume_without_checkpoint(shards, tmp_path):
-    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path, "--resume")
-    assert_clean_error(proc, "no model_*.pt checkpoint")
+def test_resume_into_an_empty_log_dir_starts_fresh(shards, tmp_path):
+    """So that `torchrun --max-restarts N ... --resume` can start the run as well as restart it."""
+    proc, rows = run7("--data-dir", shards, "--log-dir", tmp_path / "log", "--steps", "2", "--resume")
+    assert f"--resume: no checkpoint in {tmp_path / 'log'} yet; starting a fresh run" in proc.stdout
+    assert [r["step"] for r in rows] == [0, 1] and (tmp_path / "log" / "model_00002.pt").exists()
 
 
 def test_resume_with_other_model_size(shards, tmp_path):
@@ -168,12 +174,17 @@ def test_resume_with_other_model_size(shards, tmp_path):
     assert_clean_error(proc, "model_00001.pt", "--n-embd")
 
 
-def test_fresh_run_keeps_earlier_checkpoints(shards, tmp_path):
-    run7("--data-dir", shards, "--log-dir", tmp_path, "--steps", "1")
-    before = (tmp_path / "log.txt").read_text()
-    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path, "--steps", "1")
-    assert_clean_error(proc, "--resume")
-    assert (tmp_path / "log.txt").read_text() == before  # nothing overwritten
+def test_fresh_run_keeps_an_earlier_runs_log_and_checkpoints(shards, tmp_path):
+    log = tmp_path / "log"
+    run7("--data-dir", shards, "--log-dir", log, "--steps", "1")
+    before = {p.name: p.read_bytes() for p in log.iterdir()}
+    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", log, "--steps", "1")
+    assert_clean_error(proc, "holds an earlier run (model_00001.pt)", "--resume")
+    assert {p.name: p.read_bytes() for p in log.iterdir()} == before  # nothing overwritten, no lock left
+    (log / "model_00001.pt").unlink()  # a dir with only an old log.txt: refused too
+    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", log, "--steps", "1")
+    assert_clean_error(proc, "holds an earlier run (log.txt)", "--resume")
+    assert sorted(p.name for p in log.iterdir()) == ["log.txt"] and (log / "log.txt").read_bytes() == before["log.txt"]
 
 
 # ---------------------------------------------------------------------------- evaluation and the pipeline
@@ -245,9 +256,9 @@ def test_pipeline_fineweb_to_ddp_to_stage1(tmp_path):
 # ---------------------------------------------------------------------------- signals, damaged and unwritable checkpoints
 
 
-def signal_run(args, signals, nproc=1, pause=0.1):
-    """Start stage 7 (under torchrun when nproc == 2), wait for its first step line, then send
-    `signals` `pause` seconds apart (to torchrun itself, which passes them on to its workers)."""
+def signal_run(args, signals, nproc=1, pause=0.1, delay=0.0):
+    """Start stage 7 (under torchrun when nproc == 2), wait for its first step line and `delay` seconds, then
+    send `signals` `pause` seconds apart (to torchrun itself, which passes them on to its workers)."""
     script = TORCHRUN + [f"{NAME}.py"] if nproc == 2 else [sys.executable, str(ROOT / f"{NAME}.py")]
     cmd = script + [str(a) for a in RUN + list(args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
@@ -258,7 +269,7 @@ def signal_run(args, signals, nproc=1, pause=0.1):
         if line.startswith("step "):
             break
     for i, sig in enumerate(signals):
-        time.sleep(pause if i else 0)
+        time.sleep(pause if i else delay)
         proc.send_signal(sig)
     out, err = proc.communicate(timeout=600)
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(head) + out, err)
@@ -311,13 +322,19 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
     shards = write_shards(tmp_path / "shards", [1000, 20000])  # one shard holds a step of 8,192 tokens
     (tmp_path / "no_hellaswag.jsonl").write_text("")
     log = tmp_path / "log"
-    # 128 micro-steps per step (~2 s on 2 idle cores) outlast the 0.2 s between the two Ctrl-Cs, which
-    # in turn outlasts one tensor op, after which the first Ctrl-C's handler has run
+    # 128 micro-steps per step (~2 s on 2 idle cores): both Ctrl-Cs (0.3 s and 0.5 s after step 0's line) land
+    # in step 1, and 0.2 s between them outlasts one tensor op, after which the first Ctrl-C's handler has run
     proc = signal_run(["--data-dir", shards, "--hellaswag-file", tmp_path / "no_hellaswag.jsonl", "--steps", "3",
-                       "--log-dir", log, "--total-batch-size", "8192"], [signal.SIGINT, signal.SIGINT], pause=0.2)
+                       "--log-dir", log, "--total-batch-size", "8192"], [signal.SIGINT, signal.SIGINT], pause=0.2,
+                      delay=0.3)
     assert proc.returncode == -signal.SIGINT, proc.stdout + proc.stderr  # killed by the second one
     assert len(parse_steps(proc.stdout)) == 1 and "stopped after" not in proc.stdout
-    assert sorted(p.name for p in log.iterdir()) == ["log.txt"]
+    assert sorted(p.name for p in log.iterdir()) == ["lock", "log.txt"]  # its lock stays, as after kill -9
+    # ... and does not block the next run: its holder is gone
+    proc, rows = run7("--data-dir", shards, "--hellaswag-file", tmp_path / "no_hellaswag.jsonl", "--steps", "1",
+                      "--log-dir", log, "--resume")
+    assert len(rows) == 1 and "in use" not in proc.stdout + proc.stderr
+    assert sorted(p.name for p in log.iterdir()) == ["log.txt", "model_00001.pt"]
 
 
 def test_damaged_newest_checkpoint(straight, tmp_path):

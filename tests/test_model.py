@@ -96,9 +96,17 @@ def test_greedy_decoding_matches_hf_generate(name, hf_dir, enc):
     assert idx.tolist() == expected.tolist()
 
 
-def test_from_pretrained_rejects_unknown_name():
-    with pytest.raises(ValueError, match="unknown model"):
+def test_from_pretrained_unknown_name_or_truncated_weights_is_one_error(tmp_path, hf_dir):
+    """What transformers says, in one OSError with the fix: an unknown name offline, a cut-off model.safetensors."""
+    with pytest.raises(OSError, match="could not load 'gpt3'.*local save_pretrained directory"):
         load("1_gpt2_hf_eval").GPT.from_pretrained("gpt3")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for f in hf_dir.iterdir():
+        data = f.read_bytes()
+        (cut / f.name).write_bytes(data[:len(data) // 2] if f.name == "model.safetensors" else data)
+    with pytest.raises(OSError, match="could not load .*deserializing header"):
+        load("1_gpt2_hf_eval").GPT.from_pretrained(str(cut))
 
 
 @pytest.mark.parametrize("name", PRETRAINED)

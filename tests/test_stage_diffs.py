@@ -17,9 +17,9 @@ def test_docstrings_are_left_out_and_code_is_not(tmp_path):
     assert stage_diffs().without_docstring(f) == 'import os\n\nx = """not a module docstring"""\n'
 
 
-# the lecture's sizes where we meet them (2->3, 3->4, 6->7); elsewhere today's sizes, so that a change
-# that bloats a diff fails here (README says why 0->1, 1->2, 4->5 and 5->6 are above the lecture's)
-CEILINGS = {"0->1": 83, "1->2": 80, "2->3": 47, "3->4": 47, "4->5": 132, "5->6": 96, "6->7": 330}
+# the project's ceilings (STYLE.md, "Shape of a stage diff"): above the lecture's own commits where our
+# stages carry more (float16 for T4s, CPU defaults, MFU, long-run safety); README lists what each carries
+CEILINGS = {"0->1": 75, "1->2": 60, "2->3": 36, "3->4": 17, "4->5": 100, "5->6": 85, "6->7": 330}
 
 
 def test_stage_diff_sizes():
@@ -36,3 +36,12 @@ def test_readme_quotes_the_measured_sizes():
     module = stage_diffs()
     measured = [f"{n} / {lecture}" for (*_, n), lecture in zip(module.stage_diffs(), module.LECTURE)]
     assert quoted == measured
+
+
+def test_stage7_main_reads_like_the_lectures_script():
+    """Stage 7's set-up, resume, checkpoint and evaluation code live in named functions: main() stays within
+    150 lines (set-up, data, model, optimizer, then the loop with evaluation, the step and the log)."""
+    import ast
+    tree = ast.parse((ROOT / "7_train_ddp_fineweb.py").read_text(encoding="utf-8"))
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    assert main.end_lineno - main.lineno + 1 <= 150
