@@ -190,6 +190,10 @@ def same_run(ckpt, path, config, loader):
         if changed:
             return (f"error: {path} trained on train shards that are now missing or resized in its --data-dir: "
                     f"{', '.join(changed[:3])}; put them back, or start anew in another --log-dir")
+        added = sorted(set(loader.sizes) - {name for name, _ in shards})
+        if added and (not dist.is_initialized() or dist.get_rank() == 0):  # fineweb.py still writing, say
+            print(f"--resume: {len(added)} train shard(s) added since the run started ({added[0]}, ...) are not used; "
+                  f"it goes on with its {len(shards)}")
         loader.shards = [os.path.join(os.path.dirname(loader.shards[0]), name) for name, _ in shards]
     return None
 

@@ -10,6 +10,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,36 @@ def stage7_run(tmp_path_factory):
     run7("--data-dir", shards, "--log-dir", root / "log", "--steps", "4", "--eval-every", "2",
          "--hellaswag-file", hella, "--hellaswag-limit", "0")
     return root / "log"
+
+
+def signal_run(args, signals, nproc=1, pause=0.1, delay=0.0):
+    """Start stage 7 (under torchrun when nproc == 2), wait for its first step line and `delay` seconds, then
+    send `signals` `pause` seconds apart (to torchrun itself, which passes them on to its workers)."""
+    script = TORCHRUN + [f"{STAGE7}.py"] if nproc == 2 else [sys.executable, str(ROOT / f"{STAGE7}.py")]
+    cmd = script + [str(a) for a in RUN7 + list(args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = []
+    for line in proc.stdout:
+        head.append(line)
+        if line.startswith("step "):
+            break
+    for i, sig in enumerate(signals):
+        time.sleep(pause if i else delay)
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(head) + out, err)
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory):
+    """Six uninterrupted steps, checkpoints after 3 and 6: the losses that a stopped and resumed run
+    must reproduce. Returns (the arguments of that run, its step rows, its log dir)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    shards = write_shards(tmp / "shards", [3001, 5003, 4099, 6007, 2999])
+    (tmp / "no_hellaswag.jsonl").write_text("")
+    _, rows = run7("--data-dir", shards, "--log-dir", tmp / "log", "--steps", "6", "--checkpoint-every", "3")
+    return ["--data-dir", shards, "--hellaswag-file", tmp / "no_hellaswag.jsonl", "--steps", "6"], rows, tmp / "log"
 
 
 def write_checkpoint(path, seed=0):

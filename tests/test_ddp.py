@@ -4,13 +4,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import (ROOT, RUN7 as RUN, STAGE7 as NAME, TORCHRUN, assert_clean_error, load, make_examples,
-                      parse_steps, run7, run_script, write_jsonl, write_shards)
+                      parse_steps, run7, run_script, signal_run, write_jsonl, write_shards)
 
 
 @pytest.fixture
@@ -254,36 +253,6 @@ def test_pipeline_fineweb_to_ddp_to_stage1(tmp_path):
 
 
 # ---------------------------------------------------------------------------- signals, damaged and unwritable checkpoints
-
-
-def signal_run(args, signals, nproc=1, pause=0.1, delay=0.0):
-    """Start stage 7 (under torchrun when nproc == 2), wait for its first step line and `delay` seconds, then
-    send `signals` `pause` seconds apart (to torchrun itself, which passes them on to its workers)."""
-    script = TORCHRUN + [f"{NAME}.py"] if nproc == 2 else [sys.executable, str(ROOT / f"{NAME}.py")]
-    cmd = script + [str(a) for a in RUN + list(args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    head = []
-    for line in proc.stdout:
-        head.append(line)
-        if line.startswith("step "):
-            break
-    for i, sig in enumerate(signals):
-        time.sleep(pause if i else delay)
-        proc.send_signal(sig)
-    out, err = proc.communicate(timeout=600)
-    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(head) + out, err)
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """Six uninterrupted steps, checkpoints after 3 and 6: the losses that a stopped and resumed run
-    must reproduce. Returns (the arguments of that run, its step rows, its log dir)."""
-    tmp = tmp_path_factory.mktemp("straight")
-    shards = write_shards(tmp / "shards", [3001, 5003, 4099, 6007, 2999])
-    (tmp / "no_hellaswag.jsonl").write_text("")
-    _, rows = run7("--data-dir", shards, "--log-dir", tmp / "log", "--steps", "6", "--checkpoint-every", "3")
-    return ["--data-dir", shards, "--hellaswag-file", tmp / "no_hellaswag.jsonl", "--steps", "6"], rows, tmp / "log"
 
 
 @pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (1, signal.SIGINT), (2, signal.SIGTERM)])
