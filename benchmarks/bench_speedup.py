@@ -3,15 +3,21 @@
 All variants train the same 124M model size on the same batch, built from the stage scripts'
 own classes, and are timed side by side: after warm-up (compilation included there), each round
 runs one step of every variant in turn, so machine noise hits all of them alike. Reports the
-median ms/step, tok/s, the ratio to stage 4 and (on a known GPU) MFU.
+median ms/step, tok/s, the ratio to stage 4, MFU (on a GPU in the stage scripts' PEAK_TFLOPS,
+or with --peak-tflops; TF32's peak is taken as half of bf16's) and the compilation seconds (the
+warm-up's time beyond its steps' own).
 
     python benchmarks/bench_speedup.py                   # CPU: B=4, T=128, 124M
     python benchmarks/bench_speedup.py -B 16 -T 1024     # a GPU: the lecture's setting
+    python benchmarks/bench_speedup.py --device cpu -B 2 -T 64 --n-layer 2 --n-head 2 --n-embd 32
 
 Variants: 4_ fp32 eager -> +TF32 (GPU only; a no-op on CPU) -> +bf16 autocast -> +torch.compile
 -> +flash attention (SDPA) -> +vocab 50304 (= 5_) -> 6_ (AdamW 0.9/0.95 with weight-decay groups,
 fused on CUDA, grad clipping, lr schedule; one micro-step per step so ms/step compares); on a
-CPU also 5_ as it runs there by default (bf16, SDPA, vocab 50304, no compile).
+CPU also 5_ as it runs there by default (SDPA, vocab 50304, no compile). The half-precision rows
+use bf16 where the chip computes it, else fp16 (T4, V100; no scaler: this times, it does not train).
+All variants stay in memory side by side: at B=16, T=1024 ~30-35 GB of a GPU (an estimate; on CUDA
+the last line prints the peak).
 """
 import argparse
 import importlib
@@ -22,15 +28,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+from mfu import flops_per_token, peak_tflops  # noqa: E402  (benchmarks/, next to this file)
+
 stage4 = importlib.import_module("4_train_init")
 stage5 = importlib.import_module("5_train_speedup")
 stage6 = importlib.import_module("6_train_hyperparams")
 
 
-def make_variant(name, module, vocab, tf32, bf16, compile_, recipe, device, device_type):
+def make_variant(name, module, vocab, tf32, bf16, compile_, recipe, device, device_type, size, half):
     torch.manual_seed(1337)
-    model = module.GPT(module.GPTConfig(vocab_size=vocab)).to(device)
+    model = module.GPT(module.GPTConfig(vocab_size=vocab, **size)).to(device)
     if recipe:
         optimizer = model.configure_optimizers(0.1, 6e-4, device_type)
     else:
@@ -39,8 +47,7 @@ def make_variant(name, module, vocab, tf32, bf16, compile_, recipe, device, devi
 
     def step(x, y, it):
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
-        optimizer.zero_grad()
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device_type=device_type, dtype=half, enabled=bf16):
             _, loss = step_model(x, y)
         loss.backward()
         if recipe:
@@ -48,13 +55,15 @@ def make_variant(name, module, vocab, tf32, bf16, compile_, recipe, device, devi
             for group in optimizer.param_groups:
                 group["lr"] = stage6.get_lr(it, 6e-4, 10, 50)
         optimizer.step()
+        optimizer.zero_grad()  # frees the gradients: 7 resident variants keep only weights and AdamW state
         getattr(torch, device_type).synchronize()  # as stage 5 does: time the GPU, not the queue
         return loss.item()
 
-    return {"name": name, "step": step, "model": model, "bf16": bf16, "tf32": tf32, "times": []}
+    return {"name": name, "step": step, "model": model, "bf16": bf16, "tf32": tf32, "compiled": compile_,
+            "times": []}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("-B", "--batch-size", type=int, default=4)
@@ -62,15 +71,25 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--skip-compile", action="store_true", help="leave out compiled variants")
-    args = parser.parse_args()
+    parser.add_argument("--n-layer", type=int, default=12)
+    parser.add_argument("--n-head", type=int, default=12)
+    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 peak, for MFU")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="warm up no further variant after this many seconds; time those warmed up")
+    args = parser.parse_args(argv)
+    t_start = time.time()
     device = stage5.pick_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else device
     B, T = args.batch_size, args.seq_len
     gpu = device_type == "cuda"
+    size = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    half = torch.bfloat16 if device_type == "cpu" or stage5.native_bf16(device_type) else torch.float16
+    hp = "bf16" if half == torch.bfloat16 else "fp16"
     specs = [  # name, module, vocab, tf32, bf16, compile, recipe
         ("4_ fp32 eager", stage4, 50257, False, False, False, False),
         ("+ TF32", stage4, 50257, True, False, False, False),
-        ("+ bf16 autocast", stage4, 50257, True, True, False, False),
+        (f"+ {hp} autocast", stage4, 50257, True, True, False, False),
         ("+ torch.compile", stage4, 50257, True, True, True, False),
         ("+ flash attention (SDPA)", stage5, 50257, True, True, True, False),
         ("+ vocab 50304 (= 5_)", stage5, 50304, True, True, True, False),
@@ -87,11 +106,16 @@ def main():
 
     variants = []
     for spec in specs:
-        v = make_variant(*spec, device=device, device_type=device_type)
+        if args.deadline_s and time.time() - t_start > args.deadline_s:
+            rest = ", ".join(spec[0] for spec in specs[len(variants):])
+            print(f"past --deadline-s {args.deadline_s:.0f}: not timed: {rest}")
+            break
+        v = make_variant(*spec, device=device, device_type=device_type, size=size, half=half)
         t0 = time.time()
         for it in range(args.warmup):
             v["step"](x, y, it)
-        print(f"warm-up {v['name']}: {time.time() - t0:.1f} s", flush=True)
+        v["warmup_s"] = time.time() - t0
+        print(f"warm-up {v['name']}: {v['warmup_s']:.1f} s", flush=True)
         variants.append(v)
     for it in range(args.rounds):  # interleaved: one step of each variant per round
         for v in variants:
@@ -99,20 +123,28 @@ def main():
             v["step"](x, y, args.warmup + it)
             v["times"].append(time.perf_counter() - t0)
 
-    peak = stage5.peak_flops(device_type, torch.bfloat16, None)
+    name = torch.cuda.get_device_name() if gpu else device.upper()
+    peak = peak_tflops(name if gpu else "", stage5.PEAK_TFLOPS, args.peak_tflops)
+    peak_tf32 = peak_tflops(name, stage5.PEAK_TFLOPS, args.peak_tflops, tf32=True) if gpu else None
     base = statistics.median(variants[0]["times"])
-    name = torch.cuda.get_device_name() if gpu else "CPU"
-    print(f"\n124M, B={B}, T={T}, {device} ({name}), torch {torch.__version__}, "
+    model = "124M" if (args.n_layer, args.n_head, args.n_embd) == (12, 12, 768) else \
+        f"n_layer {args.n_layer} n_head {args.n_head} n_embd {args.n_embd}"
+    print(f"\n{model}, B={B}, T={T}, {device} ({name}), torch {torch.__version__}, "
           f"median of {args.rounds} interleaved steps")
-    print("| variant | ms/step | tok/s | vs 4_ |" + (" MFU |" if peak else ""))
-    print("| --- | ---: | ---: | ---: |" + (" ---: |" if peak else ""))
+    print("| variant | ms/step | tok/s | vs 4_ |" + (" MFU |" if peak else "") + " compile s |")
+    print("| --- | ---: | ---: | ---: |" + (" ---: |" if peak else "") + " ---: |")
     for v in variants:
         dt = statistics.median(v["times"])
         row = f"| {v['name']} | {dt * 1000:.1f} | {B * T / dt:,.0f} | {base / dt:.2f}x |"
-        if peak:  # against the bf16 or TF32 tensor-core peak; plain fp32 has no entry in the table
-            p = peak if v["bf16"] else stage5.peak_flops(device_type, torch.float32, None) if v["tf32"] else None
-            row += f" {100 * stage5.flops_per_token(v['model'], T) * B * T / dt / p:.1f}% |" if p else " - |"
-        print(row)
+        if peak:  # against the bf16 (fp16) or TF32 tensor-core peak; plain fp32 has none in the table
+            p = peak if v["bf16"] else peak_tf32 if v["tf32"] else None
+            row += f" {100 * flops_per_token(v['model'].config, T) * B * T / dt / (p * 1e12):.1f}% |" if p else " - |"
+        # compilation: what the warm-up took beyond its steps' own time (first-call costs included)
+        compile_s = max(0.0, v["warmup_s"] - args.warmup * dt)
+        print(row + (f" {compile_s:.1f} |" if v["compiled"] else " - |"))
+    if gpu:  # what the side-by-side variants took together
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
+              f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved ({len(variants)} variants resident)")
 
 
 if __name__ == "__main__":
