@@ -18,9 +18,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken_cache"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)  # offline GPT-2 BPE files
+# offline GPT-2 BPE files: a copy inside the repo (git-ignored; it travels to a GPU machine with the working
+# tree, see benchmarks/gpu_check.py), else this workplace's shared one
+for cache in (ROOT / ".tiktoken_cache", ROOT.parent / "shared" / "tiktoken_cache"):
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and cache.is_dir():
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on hub retries in tests
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -177,7 +179,7 @@ def write_hub_format(path, examples):
 # ---------------------------------------------------------------------------- stage 7: runs, checkpoints
 
 STAGE7 = "7_train_ddp_fineweb"
-TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # torchrun, off PATH too
 # float32 and eager, so that 1 and 2 processes differ only in summation order
 RUN7 = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "256", "--dtype", "float32",
                "--no-compile", "--eval-every", "1000", "--val-steps", "2"]

@@ -276,7 +276,8 @@ def test_signal_saves_the_step_and_resume_goes_on_exactly(straight, tmp_path, np
     assert command[0] == ("torchrun" if nproc == 2 else "python") and command.count("--resume") == 1
     if sig == signal.SIGINT:
         return
-    resumed = subprocess.run([sys.executable] + command[1:] if nproc == 1 else command, cwd=ROOT,
+    run = [sys.executable] + (["-m", "torch.distributed.run"] if nproc == 2 else [])  # torchrun: need not be on PATH
+    resumed = subprocess.run(run + command[1:], cwd=ROOT,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     rows = done + parse_steps(resumed.stdout)
