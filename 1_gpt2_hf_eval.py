@@ -6,7 +6,7 @@ New in this stage (lecture 00:28:08-00:45:50, "loading the huggingface/GPT-2 par
   or a local directory written by GPT2LMHeadModel.save_pretrained; Conv1D weights transposed
 - device auto-detect: cuda, then mps, then cpu (--device to choose)
 - top-k 50 sampling, seeded, of 5 sequences of 30 tokens from "Hello, I'm a language model,"
-- a check printed at the end: max |logit difference| against GPT2LMHeadModel on the prompt
+- from_pretrained checks itself: it prints the max |logit difference| against GPT2LMHeadModel
 
 Run:   python 1_gpt2_hf_eval.py                      (downloads gpt2, 124M)
        python 1_gpt2_hf_eval.py --model path/to/dir  (offline: a save_pretrained directory)

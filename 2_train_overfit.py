@@ -4,7 +4,8 @@ New in this stage (lecture 00:45:50-01:02:00, "let's train: data batches (B,T) -
 (B,T,C)", "cross entropy loss", "optimization loop: overfit a single batch"):
 - tokenise input.txt with tiktoken's gpt2 encoding
 - cut one (B, T) batch of inputs, with targets shifted one token to the left
-- cross-entropy loss in GPT.forward, an AdamW loop (lr 3e-4) over that single batch
+- pass the targets to GPT.forward, whose cross-entropy (there since stage 0) is the loss, and
+  minimise it with an AdamW loop (lr 3e-4) over that single batch
 - one line per step: step | loss; a GPU too small for -B x -T stops with one line saying what to try
 
 Run:   python 2_train_overfit.py      (124M, B=4, T=32, 50 steps: about a minute on a laptop CPU)

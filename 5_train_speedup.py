@@ -2,12 +2,12 @@
 
 New in this stage (lecture 01:22:18-02:14:55, "Section 2: Let's make it fast"):
 - step timing that is honest: wait for the GPU (CUDA, MPS) before reading the clock; each step
-  line adds dt (ms), tok/s and, on a known GPU, mfu (% of the chip's peak bf16/fp16 FLOP/s,
-  tf32's for float32)
+  line adds dt (ms), tok/s and, on a GPU in PEAK_TFLOPS (or with --peak-tflops), mfu: the share
+  of its dense bf16/fp16 FLOP/s the step uses (float32 runs print none)
 - TF32 matmuls, bf16 autocast for the forward pass (--dtype), torch.compile (--compile)
-- --dtype float16 for GPUs without bf16 (T4, V100; picked for you there): fp16 has only 5 exponent
-  bits, so small gradients underflow to 0 unless a GradScaler scales the loss up first; bf16 has
-  fp32's 8 exponent bits and needs no scaler
+- bf16 by default only where the chip computes it; else float16 on a GPU (T4, V100): fp16 has only
+  5 exponent bits, so small gradients underflow to 0 unless a GradScaler scales the loss up first
+  (bf16 has fp32's 8 and needs none); float32 on a CPU without AVX512-BF16 or AMX
 - flash attention: F.scaled_dot_product_attention(is_causal=True) replaces the masked softmax
 - vocab padded 50257 -> 50304 (= 393 * 128), a "nicer number" for the GPU kernels; the tokenizer
   never emits the padding ids, so sampling masks them

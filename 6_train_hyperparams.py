@@ -3,7 +3,8 @@
 New in this stage (lecture 02:14:55-02:46:52, "Section 3: hyperparameters, AdamW, gradient clipping"
 up to "gradient accumulation"; the GPT-3 paper, appendix B and table 2.1):
 - AdamW betas (0.9, 0.95), eps 1e-8; the gradient norm clipped at 1.0 and printed (norm)
-- learning rate: linear warmup, then cosine decay to 10% of the max (6e-4); printed (lr)
+- learning rate: linear warmup, then cosine decay to 10% of the max (6e-4), the lecture's get_lr
+  exactly; printed (lr)
 - weight decay 0.1 on matmul weights and embeddings only; fused AdamW on CUDA
 - gradient accumulation: each step sees --total-batch-size tokens (2**19 = 524,288, GPT-3
   125M's 0.5M) in total / (B*T) micro-steps; on CPU the default is 4 micro-steps

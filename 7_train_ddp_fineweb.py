@@ -12,12 +12,16 @@ HellaSwag, starting the run"):
 - {log-dir}/log.txt (header: command, versions, device, model size, batch; plot_log.py draws it)
   and checkpoints model_{n:05d}.pt that --resume continues from exactly (export_hf.py, hellaswag.py
   -m read them)
-- long runs: SIGTERM or Ctrl-C finishes the step, saves it (all ranks stop after the same step)
-  and prints the --resume command; a diverged run names the checkpoint to resume from; a damaged
-  or unwritable checkpoint gets one line and nothing is deleted
+- main() reads like the lecture's script: set-up, data, model, optimizer, then the loop with
+  evaluation, the step and the log; set-up, resume, checkpoint and evaluation are functions above it
+- long runs (longrun.py, not the lecture's, kept out of this diff): one run per log dir (a lock);
+  SIGTERM, SIGHUP or Ctrl-C finish the step, save it (all ranks stop after the same step) and print
+  the --resume command; --resume continues the checkpoint's own run (same shards, total batch, T) or
+  says what changed, and starts fresh in an empty log dir (torchrun --max-restarts); a diverged run,
+  a rank that died, a damaged shard or checkpoint, a failed write: one line, nothing deleted
 - defaults: the lecture's 10B-token run (B=64, T=1024, 19,073 steps, warmup 715); small on CPU
 
-Run:   python fineweb.py                                          (~10B tokens into 100 shards)
+Run:   python fineweb.py --download                               (~10B tokens in 100 shards)
        torchrun --standalone --nproc_per_node=8 7_train_ddp_fineweb.py
 Diff:  diff 6_train_hyperparams.py 7_train_ddp_fineweb.py
 """

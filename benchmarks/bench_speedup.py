@@ -14,8 +14,9 @@ warm-up's time beyond its steps' own).
 Variants: 4_ fp32 eager -> +TF32 (GPU only; a no-op on CPU) -> +bf16 autocast -> +torch.compile
 -> +flash attention (SDPA) -> +vocab 50304 (= 5_) -> 6_ (AdamW 0.9/0.95 with weight-decay groups,
 fused on CUDA, grad clipping, lr schedule; one micro-step per step so ms/step compares); on a
-CPU also 5_ as it runs there by default (SDPA, vocab 50304, no compile). The half-precision rows
-use bf16 where the chip computes it, else fp16 (T4, V100; no scaler: this times, it does not train).
+CPU also 5_ without compile, in bf16 and in float32 (its default where the CPU has no native
+bf16). The half-precision rows use bf16 where the chip computes it, else fp16 (T4, V100; no
+scaler: this times, it does not train).
 All variants stay in memory side by side: at B=16, T=1024 ~30-35 GB of a GPU (an estimate; on CUDA
 the last line prints the peak).
 """
@@ -95,9 +96,13 @@ def main(argv=None):
         ("+ vocab 50304 (= 5_)", stage5, 50304, True, True, True, False),
         ("6_ recipe" + (", fused AdamW" if gpu else ""), stage6, 50304, True, True, True, True),
     ]
-    if not gpu:  # TF32 exists on NVIDIA tensor cores only; 5_'s CPU default is not to compile
-        specs = [s for s in specs if s[0] != "+ TF32"]
-        specs.append(("5_ as on CPU by default (no compile)", stage5, 50304, True, True, False, False))
+    if not gpu:  # TF32 exists on NVIDIA tensor cores only; 5_'s CPU default is not to compile, and bf16
+        specs = [s for s in specs if s[0] != "+ TF32"]  # only where the CPU computes it (native_bf16)
+        native = stage5.native_bf16("cpu")
+        specs.append((f"5_ bf16, no compile{' (= its default here)' if native else ''}", stage5, 50304, True, True,
+                      False, False))
+        specs.append((f"5_ float32, no compile{'' if native else ' (= its default here)'}", stage5, 50304, True, False,
+                      False, False))
     if args.skip_compile:
         specs = [s[:5] + (False,) + s[6:] for s in specs if s[0] != "+ torch.compile"]
     g = torch.Generator().manual_seed(0)
