@@ -179,7 +179,8 @@ def write_hub_format(path, examples):
 # ---------------------------------------------------------------------------- stage 7: runs, checkpoints
 
 STAGE7 = "7_train_ddp_fineweb"
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # torchrun, off PATH too
+# torchrun as `python -m torch.distributed.run`: the same program, found where `torchrun` is not on PATH
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # float32 and eager, so that 1 and 2 processes differ only in summation order
 RUN7 = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "256", "--dtype", "float32",
                "--no-compile", "--eval-every", "1000", "--val-steps", "2"]

@@ -90,7 +90,8 @@ def test_float16_grad_scaler_trains_on_cuda(name, tmp_path, text_shards):
 
 def test_stage7_torchrun_one_gpu_uses_nccl(tmp_path, text_shards):
     out, rows = train(NAME, text_shards, tmp_path / "log",
-                      cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", f"{NAME}.py"])
+                      cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                           f"{NAME}.py"])
     assert "DDP: 1 ranks, nccl" in out
     assert_trains(rows)
 

@@ -105,8 +105,8 @@ def test_emulated_bf16_counts_as_not_native(name, monkeypatch):
     assert load(name).native_bf16("cuda")
 
 
-OOM_PLACES = [(n, "forward") for n in existing(SCRIPTS[2:])] + [(n, "optimizer step") for n in existing(SCRIPTS[2:])] + \
-    [(n, "compiled step") for n in FAST] + [(NAME, "eval")]
+OOM_PLACES = ([(n, where) for where in ("forward", "optimizer step") for n in existing(SCRIPTS[2:])]
+              + [(n, "compiled step") for n in FAST] + [(NAME, "eval")])
 
 
 @pytest.mark.parametrize("name, where", OOM_PLACES)

@@ -113,7 +113,8 @@ def test_lr_schedule_is_the_lectures(name):
     lrs = [get_lr(s, 6e-4, 10, 50) for s in range(60)]
     assert lrs[0] == pytest.approx(6e-5)  # > 0: step 0 already learns
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # linear warmup
-    assert lrs[9] == pytest.approx(6e-4) and lrs[10] == pytest.approx(6e-4) == max(lrs)  # warmup_steps - 1 and warmup_steps: the peak
+    # the peak at warmup_steps - 1 and at warmup_steps
+    assert lrs[9] == pytest.approx(6e-4) and lrs[10] == pytest.approx(6e-4) == max(lrs)
     assert lrs[11] == pytest.approx(6e-5 + 0.5 * (1 + math.cos(math.pi / 40)) * 5.4e-4)  # the cosine begins
     assert all(a > b for a, b in zip(lrs[10:50], lrs[11:51]))  # then strictly down to step 50
     assert lrs[30] == pytest.approx(6e-5 + 0.5 * (6e-4 - 6e-5))  # halfway through the decay: halfway down
@@ -121,7 +122,7 @@ def test_lr_schedule_is_the_lectures(name):
     assert lrs[49] > 6e-5 and lrs[50:] == [pytest.approx(6e-5)] * 10  # min_lr at max_steps and after
     # the example: --warmup-steps 3 --steps 10 prints 6.0000e-04 at step 3 in the lecture's code
     assert [f"{get_lr(s, 6e-4, 3, 10):.4e}" for s in (2, 3, 4, 9)] == ["6.0000e-04", "6.0000e-04", "5.7326e-04",
-                                                                         "8.6738e-05"]  # 6e-5 + (1 + cos(6/7 pi)) 2.7e-4
+                                                                         "8.6738e-05"]  # 6e-5+(1+cos(6pi/7))2.7e-4
     assert get_lr(0, 6e-4, 0, 1) == pytest.approx(6e-4)  # no warmup: the decay starts at the peak
     assert get_lr(4, 6e-4, 10, 5) == pytest.approx(3e-4)  # warmup longer than the run
 
