@@ -161,7 +161,7 @@ class GPT(nn.Module):
         with torch.no_grad():
             for k in sd_hf:
                 sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
-            idx = torch.arange(8).unsqueeze(0)  # our module must compute what Hugging Face's does
+            idx = torch.arange(8).unsqueeze(0)  # does our module compute what Hugging Face's does?
             diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
         print(f"loaded {name_or_dir}: max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
         return model

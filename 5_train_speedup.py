@@ -3,14 +3,14 @@
 New in this stage (lecture 01:22:18-02:14:55, "Section 2: Let's make it fast"):
 - step timing that is honest: wait for the GPU (CUDA, MPS) before reading the clock; each step
   line adds dt (ms), tok/s and, on a GPU in PEAK_TFLOPS (or with --peak-tflops), mfu: the share
-  of its dense bf16/fp16 FLOP/s the step uses (float32 runs print none)
+  of its dense bf16/fp16 FLOP/s the step uses (float32 runs only with --peak-tflops)
 - TF32 matmuls, bf16 autocast for the forward pass (--dtype), torch.compile (--compile)
 - bf16 by default only where the chip computes it; else float16 on a GPU (T4, V100): fp16 has only
   5 exponent bits, so small gradients underflow to 0 unless a GradScaler scales the loss up first
   (bf16 has fp32's 8 and needs none); float32 on a CPU without AVX512-BF16 or AMX
 - flash attention: F.scaled_dot_product_attention(is_causal=True) replaces the masked softmax
 - vocab padded 50257 -> 50304 (= 393 * 128), a "nicer number" for the GPU kernels; the tokenizer
-  never emits the padding ids, so sampling masks them
+  never emits the padding ids, so sampling leaves them out
 - B=16, T=1024 as in the lecture; on CPU, B=4, T=128 unless -B/-T say otherwise
 
 Run:   python 5_train_speedup.py      (124M, 50 steps; the single-GPU workhorse)
@@ -160,7 +160,7 @@ class GPT(nn.Module):
         with torch.no_grad():
             for k in sd_hf:
                 sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
-            idx = torch.arange(8).unsqueeze(0)  # our module must compute what Hugging Face's does
+            idx = torch.arange(8).unsqueeze(0)  # does our module compute what Hugging Face's does?
             diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
         print(f"loaded {name_or_dir}: max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
         return model
@@ -306,8 +306,8 @@ def main(argv=None):
     # FLOP/s on an A100); activations and weights stay fp32 in memory
     torch.set_float32_matmul_precision("high")
     # bf16 where the chip computes it, else fp16 + grad scaler on a GPU (T4, V100), float32 on a CPU
-    dtype = getattr(torch, args.dtype or ("bfloat16" if native_bf16(device_type) else
-                                          "float32" if device_type == "cpu" else "float16"))
+    default = "bfloat16" if native_bf16(device_type) else "float32" if device_type == "cpu" else "float16"
+    dtype = getattr(torch, args.dtype or default)
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler", torch.float32: "off (float32)"}[dtype]
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     # inductor writes Triton kernels for a GPU (PyTorch ships no Triton for Windows) and C++ for a CPU

@@ -174,7 +174,7 @@ class GPT(nn.Module):
         with torch.no_grad():
             for k in sd_hf:
                 sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
-            idx = torch.arange(8).unsqueeze(0)  # our module must compute what Hugging Face's does
+            idx = torch.arange(8).unsqueeze(0)  # does our module compute what Hugging Face's does?
             diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
         print(f"loaded {name_or_dir}: max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
         return model
@@ -350,8 +350,8 @@ def main(argv=None):
     # FLOP/s on an A100); activations and weights stay fp32 in memory
     torch.set_float32_matmul_precision("high")
     # bf16 where the chip computes it, else fp16 + grad scaler on a GPU (T4, V100), float32 on a CPU
-    dtype = getattr(torch, args.dtype or ("bfloat16" if native_bf16(device_type) else
-                                          "float32" if device_type == "cpu" else "float16"))
+    default = "bfloat16" if native_bf16(device_type) else "float32" if device_type == "cpu" else "float16"
+    dtype = getattr(torch, args.dtype or default)
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler", torch.float32: "off (float32)"}[dtype]
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     # inductor writes Triton kernels for a GPU (PyTorch ships no Triton for Windows) and C++ for a CPU
@@ -413,7 +413,7 @@ def main(argv=None):
                 line += f" | mfu {100 * flops_step / dt / (peak * 1e12):.2f}"
             print(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
     except torch.OutOfMemoryError:  # -B x -T does not fit this GPU: one line, with what to try
-        hint = f"-B {B // 2} (the total batch, and so the run, stay the same)" if B > 1 else "a smaller -T"
+        hint = f"-B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1 else "a smaller -T"
         sys.exit(f"error: out of memory at -B {B} -T {T} on {device}; try {hint}")
 
     enc = gpt2_tokenizer()

@@ -193,7 +193,7 @@ class GPT(nn.Module):
         with torch.no_grad():
             for k in sd_hf:
                 sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
-            idx = torch.arange(8).unsqueeze(0)  # our module must compute what Hugging Face's does
+            idx = torch.arange(8).unsqueeze(0)  # does our module compute what Hugging Face's does?
             diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
         print(f"loaded {name_or_dir}: max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
         return model
@@ -369,7 +369,7 @@ def setup_ddp(device_name):
     elif device_name in ("auto", "cpu"):
         device = "cpu"
     else:
-        sys.exit(f"error: DDP runs on cuda or cpu, not --device {device_name}")
+        sys.exit(f"error: --device {device_name} under torchrun: DDP here runs on cpu, or on cuda where CUDA is")
     # nccl: NVIDIA's GPU collectives, where this torch has them (not on Windows or macOS);
     # gloo otherwise, which also all-reduces CUDA tensors, more slowly
     init_process_group(backend="nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo")
@@ -404,7 +404,7 @@ def hellaswag_counts(model, examples, device, autocast):
     logits, and the counts are summed over the ranks."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     with autocast:
-        counts = evaluate(lambda idx: model(idx)[0][..., :50257], examples[rank::world], 8, device)
+        counts = evaluate(lambda idx: model(idx)[0][..., :50257], examples[rank::world], batch_size=8, device=device)
     counts = torch.tensor(counts, dtype=torch.long, device=device)  # (n, correct, correct_norm)
     if dist.is_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -426,6 +426,7 @@ def sample(model, num_return_sequences, max_length, seed):
 def load_hellaswag(args, device, print0):
     """HellaSwag val for the in-run evaluation (`datasets` caches it; ranks that ask at once wait for one
     download); offline, the run trains without it. Every rank scores a share: all have it, or none uses it."""
+    gpt2_tokenizer()  # on every rank now: a rank 0 without the BPE files at its first sample would leave alone
     if args.hellaswag_file and not os.path.isfile(args.hellaswag_file):
         sys.exit(f"error: --hellaswag-file {args.hellaswag_file} not found")
     try:
@@ -526,14 +527,13 @@ def main(argv=None):
     except ShardError as e:  # every rank reads the same shards: all stop here
         sys.exit(f"error: {e}; re-create it with fineweb.py, or pass --data-dir")
     hella = load_hellaswag(args, device, print0)
-    checkpoint, ckpt, peers = open_log_dir(args.log_dir, args.resume, args.steps, device, config, train_loader)
 
     # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
     # FLOP/s on an A100); activations and weights stay fp32 in memory
     torch.set_float32_matmul_precision("high")
     # bf16 where the chip computes it, else fp16 + grad scaler on a GPU (T4, V100), float32 on a CPU
-    dtype = getattr(torch, args.dtype or ("bfloat16" if native_bf16(device_type) else
-                                          "float32" if device_type == "cpu" else "float16"))
+    default = "bfloat16" if native_bf16(device_type) else "float32" if device_type == "cpu" else "float16"
+    dtype = getattr(torch, args.dtype or default)
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler", torch.float32: "off (float32)"}[dtype]
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     # inductor writes Triton kernels for a GPU (PyTorch ships no Triton for Windows) and C++ for a CPU
@@ -561,6 +561,7 @@ def main(argv=None):
     # fp16 keeps 5 exponent bits (bf16 keeps fp32's 8): gradients below ~6e-8 flush to 0. The scaler
     # multiplies the loss, so every gradient, by a large factor and divides it out before the update
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    checkpoint, ckpt, peers = open_log_dir(args.log_dir, args.resume, args.steps, device, config, train_loader)
     start_step, val, resume = 0, None, "start again"  # resume: what an error line suggests
     if ckpt:  # --resume: the state after ckpt["step"] steps
         start_step, val, resume = restore(ckpt, checkpoint, raw_model, optimizer, scaler, train_loader, print0)
@@ -630,7 +631,7 @@ def main(argv=None):
                 print0(log.note(f"stopped after step {step}; continue with: {resume_command(args.resume)}"))
                 break
     except torch.OutOfMemoryError:  # -B x -T does not fit this GPU (this rank only: it leaves without the others)
-        hint = f"-B {B // 2} (the total batch, and so the run, stay the same)" if B > 1 else "a smaller -T"
+        hint = f"-B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1 else "a smaller -T"
         error, ddp = f"error: out of memory at -B {B} -T {T} on {device}; try {hint}", False
     except RuntimeError as e:  # a rank died (killed, crashed): the collectives with it fail (anything else: raised)
         error, ddp = lost_rank(e, step, peers, resume, args.resume), False

@@ -1,4 +1,4 @@
-"""What keeps stage 7's long run from losing work (DESIGN.md, contract 7), in one place.
+"""What keeps stage 7's long run from losing work (README, "Long runs"), in one place.
 
 7_train_ddp_fineweb.py imports these; they are not the lecture's ideas, so they stay out of its
 diff against stage 6, which then shows DDP, FineWeb-Edu shards, validation, HellaSwag and
@@ -12,7 +12,8 @@ tests/test_longrun.py).
   batch, T, train shards); checkpoints are ordered by step number
 - SIGTERM, SIGHUP and Ctrl-C finish the step and save it; a failed write of log.txt or of a
   checkpoint is one line and training goes on; a rank that died is one line on its peers
-- every error any rank finds stops all ranks together, with one line
+- an error any rank finds at set-up stops all ranks together, with one line (out of memory is one
+  rank's own: it leaves, and torchrun stops the others)
 """
 import glob
 import os
@@ -20,6 +21,7 @@ import platform
 import re
 import signal
 import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -61,20 +63,27 @@ def lock_log_dir(log_dir):
     whose holder is gone (killed, crashed, or an earlier attempt of this torchrun job) is taken over."""
     path, host = os.path.join(log_dir, "lock"), platform.node()
     job = [os.environ.get("TORCHELASTIC_RUN_ID", "-"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "-")]
-    for _ in range(2):
+    for attempt_no in range(4):
         try:
             with open(path, "x") as f:
                 f.write(f"{os.getpid()} {host} {' '.join(job)}\n")
             return None
         except FileExistsError:
-            try:
-                with open(path) as f:
-                    pid, holder, run_id, attempt = f.read().split()
-            except (OSError, ValueError):  # half written, or removed meanwhile
-                pid, holder, run_id, attempt = "0", host, "-", "-"
+            pass
+        try:
+            with open(path) as f:
+                pid, holder, run_id, attempt = f.read().split()
+        except FileNotFoundError:  # its holder just removed it: try again
+            continue
+        except (OSError, ValueError):  # being written this instant, or half written by a run that crashed
+            if attempt_no < 2:
+                time.sleep(0.2)
+                continue
+            pid, holder, run_id, attempt = str(os.getpid()), host, "-", "-"  # still unreadable: stale
         restarted = run_id == job[0] != "-" and attempt != job[1]  # torchrun --max-restarts started us again
         if restarted or holder == host and (pid == str(os.getpid()) or not alive(int(pid))):
-            os.remove(path)  # a stale lock: take it over
+            if os.path.exists(path):
+                os.remove(path)  # a stale lock: take it over
             continue
         what = "wait for it" if holder == host else f"if no run is alive on {holder}, delete {path}"
         return (f"error: {log_dir} is in use by process {pid} on {holder} (its lock: {path}); {what}, "
@@ -213,9 +222,9 @@ def stop_on_signals():
 
 
 class Log:
-    """{log_dir}/log.txt (path None on the other ranks: they write nothing). A failed write (a full disk) is one line,
-    not the end of the run,
-    and the next write that succeeds starts on a fresh line: no entry is glued to a torn one."""
+    """{log_dir}/log.txt (path None on the other ranks: they write nothing). A failed write (a full disk)
+    is one line, not the end of the run, and the next write that succeeds starts on a fresh line: no
+    entry is glued to a torn one."""
 
     def __init__(self, path):
         self.path, self.failed = path, False

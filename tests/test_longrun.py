@@ -89,6 +89,8 @@ def test_lock_of_a_live_process_another_host_or_an_earlier_torchrun_attempt(tmp_
     assert longrun.lock_log_dir(str(tmp_path)) is None and lock.read_text().startswith(f"{os.getpid()} ")
     longrun.unlock_log_dir(str(tmp_path))
     assert not lock.exists()
+    lock.write_text("4242")  # half written by a run that crashed in the middle of it
+    assert longrun.lock_log_dir(str(tmp_path)) is None and lock.read_text().startswith(f"{os.getpid()} ")
 
 
 # ---------------------------------------------------------------------------- log.txt that cannot be written
