@@ -132,8 +132,8 @@ class GPT(nn.Module):
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except (OSError, SafetensorError) as e:  # offline with nothing cached, not GPT-2's, or cut short
-            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); connect to the internet "
-                          "once, or pass a local save_pretrained directory") from e
+            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); a hub name needs the internet "
+                          "once, a local save_pretrained directory must be whole (save or export it again)") from e
         c = hf.config
         model = GPT(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
