@@ -333,7 +333,7 @@ def main(argv=None):
     if B < 1 or not 1 <= T <= config.block_size or args.n_embd % args.n_head:
         sys.exit(f"error: need -B >= 1, 1 <= -T <= block size {config.block_size} and --n-embd a multiple of "
                  f"--n-head (got -B {B} -T {T} --n-embd {args.n_embd} --n-head {args.n_head})")
-    total_batch_size = args.total_batch_size or 4 * B * T  # None on a CPU: 4 micro-steps
+    total_batch_size = 4 * B * T if args.total_batch_size is None else args.total_batch_size  # CPU: 4 micro-steps
     if total_batch_size < 1 or total_batch_size % (B * T) != 0:
         sys.exit(f"error: --total-batch-size {total_batch_size} is not a positive multiple of "
                  f"B*T = {B * T}; change it or -B/-T")

@@ -7,7 +7,6 @@ import importlib
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import time
@@ -26,13 +25,13 @@ for cache in (ROOT / ".tiktoken_cache", ROOT.parent / "shared" / "tiktoken_cache
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on hub retries in tests
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from benchmarks.gpu_check import parse_steps  # noqa: E402  (the step lines as dicts: said once, there)
 
 SCRIPTS = [
     "0_gpt2_model", "1_gpt2_hf_eval", "2_train_overfit", "3_train_dataloader",
     "4_train_init", "5_train_speedup", "6_train_hyperparams", "7_train_ddp_fineweb",
 ]
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]  # the tiny model every CPU test uses
-STEP_LINE = re.compile(r"^step\s+(\d+) \| (.*)$")
 
 
 def pytest_configure(config):
@@ -74,21 +73,6 @@ def main_steps(module, argv):
     with redirect_stdout(out):
         module.main([str(a) for a in argv])
     return out.getvalue(), parse_steps(out.getvalue())
-
-
-def parse_steps(stdout):
-    """The step lines of a run as dicts: {'step': n, 'loss': x, <name>: <value>, ...}."""
-    rows = []
-    for line in stdout.splitlines():
-        m = STEP_LINE.match(line.strip())
-        if not m:
-            continue
-        row = {"step": int(m.group(1))}
-        for field in m.group(2).split(" | "):
-            key, value = field.rsplit(" ", 1)
-            row[key] = float(value)
-        rows.append(row)
-    return rows
 
 
 def make_hf_model(n_layer=2, n_head=2, n_embd=32, n_positions=64, seed=0):
