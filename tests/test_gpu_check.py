@@ -84,10 +84,10 @@ def test_stage7_takes_the_lectures_batch_where_it_fits():
     def session(gib, compiled):
         return SimpleNamespace(args=SimpleNamespace(stage7_batch=None), full=True, device="cuda", gib=gib,
                                context=0.6, memory={"compile": compiled, "eager": {}})
-    measured = {b: (0, 2.5 + 0.85 * b, 0) for b in (1, 2, 4, 8, 16, 32, 64, 128)}  # README's estimate, in GiB
+    measured = {b: (0, 2.5 + 0.85 * b, 0) for b in (1, 2, 4, 8, 16, 32, 64, 128)}  # docs/hardware.md's estimate, in GiB
     assert check.Check.stage7_batch(session(139.8, measured))[0] == 64  # never more than the lecture's 64
     assert check.Check.stage7_batch(session(23.6, measured))[0] == 16  # 16: 16.1 + 0.6 <= 0.97 * 23.6; 32: 29.7 is not
-    assert check.Check.stage7_batch(session(79.1, {}))[0] == 64  # nothing measured: README's estimate
+    assert check.Check.stage7_batch(session(79.1, {}))[0] == 64  # nothing measured: docs/hardware.md's estimate
 
 
 def test_prepare_copies_the_bpe_files_into_a_folder_that_travels(tmp_path):
