@@ -18,7 +18,7 @@ def anchors(path):
 
 
 def test_readme_is_a_front_page():
-    """STYLE: README.md, at most about 150 lines, read once top to bottom; the rest lives in docs/."""
+    """README.md is read once, top to bottom: at most 150 lines and 1,600 words; the rest lives in docs/."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     lines, words = len(text.splitlines()), len(text.split())  # as `wc -l -w README.md` counts them
     assert lines <= 150 and words <= 1600, (lines, words)

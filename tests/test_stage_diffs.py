@@ -19,7 +19,7 @@ def test_docstrings_are_left_out_and_code_is_not(tmp_path):
     assert stage_diffs().without_docstring(f) == 'import os\n\nx = """not a module docstring"""\n'
 
 
-# the project's ceilings (the house style's "Shape of a stage diff"; docs/contributing.md lists them, what each
+# the project's ceilings (docs/contributing.md lists them with the lecture's sizes, what each
 # diff carries beyond the lecture's code and why 3->4 has no room): above the lecture's own commits where our
 # stages carry more (float16 for T4s, CPU defaults, MFU, long-run safety)
 CEILINGS = {"0->1": 75, "1->2": 60, "2->3": 36, "3->4": 17, "4->5": 100, "5->6": 85, "6->7": 330}
