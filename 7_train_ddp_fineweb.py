@@ -7,18 +7,22 @@ HellaSwag, starting the run"):
   plain `python 7_...` runs one process
 - DataLoaderLite reads fineweb.py's uint16 shards, memory-mapped; a step's micro-batches are
   dealt round-robin to the ranks; train shards are visited in a seeded order, new each epoch
-- every --eval-every steps: val loss on the same --val-steps batches, HellaSwag acc_norm on all
-  ranks' share of the examples, samples from the model (all of it works with torch.compile on)
+- every --eval-every steps: val loss on the val shard's first --val-tokens tokens, dealt across the
+  ranks (so 1 GPU and 8 report the same figure; the lecture's 8-GPU 10,485,760 by default),
+  HellaSwag acc_norm on all ranks' share of the examples, samples from the model (all of it works
+  with torch.compile on)
 - {log-dir}/log.txt (header: command, versions, device, model size, batch; plot_log.py draws it)
-  and checkpoints model_{n:05d}.pt that --resume continues from exactly (export_hf.py, hellaswag.py
-  -m read them)
+  and checkpoints model_{n:05d}.pt that --resume continues from exactly (checkpoints.py; export_hf.py
+  and hellaswag.py -m read them)
 - main() reads like the lecture's script: set-up, data, model, optimizer, then the loop with
-  evaluation, the step and the log; set-up, resume, checkpoint and evaluation are functions above it
-- long runs (longrun.py, not the lecture's, kept out of this diff): one run per log dir (a lock);
-  SIGTERM, SIGHUP or Ctrl-C finish the step, save it (all ranks stop after the same step) and print
-  the --resume command; --resume continues the checkpoint's own run (same shards, total batch, T) or
-  says what changed, and starts fresh in an empty log dir (torchrun --max-restarts); a diverged run,
-  a rank that died, a damaged shard or checkpoint, a failed write: one line, nothing deleted
+  evaluation, the step and the log
+- long runs (longrun.py and checkpoints.py, not the lecture's, kept out of this diff): one run per
+  log dir (an OS lock); a signal during set-up ends in one line; SIGTERM, SIGHUP or Ctrl-C in
+  training finish the step, save it (all ranks stop after the same step) and print the command that
+  continues; --resume continues the checkpoint's own run (seed, LR schedule, batch, T, model, shards)
+  or names what differs, and starts fresh in an empty log dir (torchrun --max-restarts); a diverged
+  run, a rank that died, a damaged shard or checkpoint, a failed write: one line, nothing deleted; a
+  run whose last checkpoint could not be written does not exit 0
 - defaults: the lecture's 10B-token run (B=64, T=1024, 19,073 steps, warmup 715); small on CPU
 
 Run:   python fineweb.py --download                               (~10B tokens in 100 shards)
@@ -30,10 +34,9 @@ import glob
 import math
 import os
 import shutil
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import tiktoken
@@ -45,8 +48,9 @@ from torch.utils._triton import has_triton
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hellaswag import HellaSwagError, evaluate, iterate_examples
-from longrun import (Log, finish, init_process_group, lost_rank, open_log_dir, resume_command, save_checkpoint,
-                     stop_on_signals)
+from checkpoints import (RESUME_MAY_CHANGE, checkpoint_state, load_checkpoint, restore, resume_hint, run_record,
+                         save_checkpoint)
+from longrun import Log, StopSignals, close_run, init_process_group, lost_rank, open_log_dir, stop_all_on
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -257,12 +261,14 @@ class DataLoaderLite:
     def reset(self):
         self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
 
-    def state_dict(self):  # the shards too: a resumed run reads the very same ones (see same_run)
+    def state_dict(self):  # the shards too: a resumed run reads the very same ones
         shards = [[os.path.basename(path), self.sizes[os.path.basename(path)]] for path in self.shards]
         return {"epoch": self.epoch, "shard": self.shard, "position": self.position, "shards": shards}
 
     def load_state_dict(self, state):
         self.epoch, self.shard, self.position = state["epoch"], state["shard"], state["position"]
+        if state.get("shards"):  # a checkpoint's own list (checkpoints.other_run checks they are all here)
+            self.shards = [os.path.join(os.path.dirname(self.shards[0]), name) for name, _ in state["shards"]]
         self.order = self.shard_order(self.epoch)
         self.tokens = load_tokens(self.shards[self.order[self.shard]], check_ids=True)
 
@@ -314,12 +320,12 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
 
 
-def divergence_error(step, loss, norm, resume="start again"):
+def divergence_error(step, loss, norm, resume=""):
     """The error line when the loss or the gradient norm is nan or inf (the run diverged), else None. Under
     float16 the caller passes norm 0: an inf/nan gradient is the scaler's to skip, only a nan loss stops."""
     if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before optimizer.step() writes nan into the weights
         return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and stopped before the "
-                f"optimizer step; {resume}, with a lower --max-lr or a longer --warmup-steps")
+                f"optimizer step; start again with a lower --max-lr or a longer --warmup-steps{resume}")
     return None
 
 
@@ -385,18 +391,33 @@ def all_reduce_mean(t):
 
 
 @torch.no_grad()
-def val_loss(model, loader, steps, device, autocast):
-    """The mean loss over the same `steps` val batches every time, averaged over the ranks."""
+def val_loss(model, tokens, B, T, val_tokens, device, autocast):
+    """The mean loss over the val shard's first val_tokens tokens, as (B, T) batches; batch i is rank i % W's,
+    so 1, 2 or 8 ranks compute the same figure (the lecture's 20 batches per rank made it depend on the count)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n = max(1, min(val_tokens, len(tokens) - 1) // (B * T))  # whole batches, at most what the shard holds
+    loss_sum = torch.zeros((), device=device)
     model.eval()
-    loader.reset()
-    loss_accum = torch.zeros((), device=device)
-    for _ in range(steps):
-        x, y = loader.next_batch()
+    for i in range(rank, n, world):
+        buf = torch.from_numpy(tokens[i * B * T:(i + 1) * B * T + 1].astype(np.int64)).to(device)
         with autocast:
-            _, loss = model(x.to(device), y.to(device))
-        loss_accum += loss.detach() / steps
+            _, loss = model(buf[:-1].view(B, T), buf[1:].view(B, T))
+        loss_sum += loss.detach()
     model.train()
-    return all_reduce_mean(loss_accum).item()
+    return all_reduce_mean(loss_sum).item() * world / n  # the mean over all n batches
+
+
+def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast):
+    """Val loss, and HellaSwag where there is a copy, printed; returns (the val loss, their log.txt lines)."""
+    print0 = print if not dist.is_initialized() or dist.get_rank() == 0 else lambda *a: None
+    val = val_loss(model, val_loader.tokens, args.batch_size, args.seq_len, args.val_tokens, device, autocast)
+    print0(f"validation loss: {val:.4f}")
+    entries = [f"{step} val {val:.4f}"]
+    if hella:
+        n, correct = hellaswag_counts(raw_model, hella, device, autocast)
+        print0(f"HellaSwag accuracy: {correct}/{n} = {correct / n:.4f}")
+        entries.append(f"{step} hella {correct / n:.4f}")
+    return val, entries
 
 
 def hellaswag_counts(model, examples, device, autocast):
@@ -440,29 +461,10 @@ def load_hellaswag(args, device, print0):
     return hella
 
 
-def checkpoint_state(model, optimizer, scaler, loader, step, val_loss):
-    """What model_{step:05d}.pt holds: enough to continue exactly (restore), and what makes it this run."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(model.config),
-            "step": step, "val_loss": val_loss, "scaler": scaler.state_dict(), "loader": loader.state_dict(),
-            "run": {"total_batch_size": loader.step_tokens, "T": loader.T}, "rng": {"cpu": torch.get_rng_state()}}
-
-
-def restore(ckpt, path, model, optimizer, scaler, loader, print0):
-    """The state after ckpt["step"] steps, so that the resumed run's losses equal the uninterrupted run's.
-    Returns (the first step to run, the last val loss, what an error line suggests)."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):  # float16 runs only: a disabled scaler has no state
-        scaler.load_state_dict(ckpt["scaler"])
-    loader.load_state_dict(ckpt["loader"])
-    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())  # map_location moved it to the device
-    print0(f"resuming from {path} after step {ckpt['step'] - 1}")
-    return ckpt["step"], ckpt["val_loss"], f"--resume from {path}"
-
-
 def make_parser():
     """The flags; their defaults are the lecture's values."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=RESUME_MAY_CHANGE)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("-B", "--batch-size", type=int, default=64, help="64 (4 on CPU)")
     parser.add_argument("-T", "--seq-len", type=int, default=1024, help="1024 (128 on CPU)")
@@ -484,7 +486,8 @@ def make_parser():
     parser.add_argument("--warmup-steps", type=int, default=715, help="715: GPT-3's 375M tokens (10 on CPU)")
     parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
     parser.add_argument("--eval-every", type=int, default=250, help="250 (10 on CPU)")
-    parser.add_argument("--val-steps", type=int, default=20, help="20 (5 on CPU)")
+    parser.add_argument("--val-tokens", type=int, default=10485760, help="val loss tokens, the same on any number of "
+                        "GPUs: the lecture's 20 x 64 x 1024 x 8 (2560 on CPU)")
     parser.add_argument("--hellaswag-file", default=None, help="a local HellaSwag val .jsonl/.parquet (default: hub)")
     parser.add_argument("--hellaswag-limit", type=int, default=0, help="examples per eval (0 = all; 40 on CPU)")
     parser.add_argument("--checkpoint-every", type=int, default=5000)
@@ -497,13 +500,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 extra rows are never targets
     config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    stop = StopSignals()  # from here on a signal ends the run in one line; once training, after a saved step
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = setup_ddp(args.device)
     master_process = ddp_rank == 0  # rank 0 prints, logs, samples and saves checkpoints
     print0 = print if master_process else lambda *a, **k: None
     device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
     if device_type == "cpu":  # the lecture's values are for a GPU: on a CPU a step would take minutes
         parser.set_defaults(batch_size=4, seq_len=128, total_batch_size=None, steps=50, warmup_steps=10,
-                            eval_every=10, val_steps=5, hellaswag_limit=40)
+                            eval_every=10, val_tokens=2560, hellaswag_limit=40)
         args = parser.parse_args(argv)
     B, T = args.batch_size, args.seq_len
     if B < 1 or not 1 <= T <= config.block_size or args.n_embd % args.n_head:
@@ -516,14 +520,14 @@ def main(argv=None):
     grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
     print0(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps of B*T = {B * T:,}"
            f" on each of {ddp_world_size} ranks")
-    if min(args.eval_every, args.val_steps, args.checkpoint_every) < 1:
-        sys.exit("error: --eval-every, --val-steps and --checkpoint-every must be >= 1")
+    if min(args.eval_every, args.val_tokens, args.checkpoint_every) < 1:
+        sys.exit("error: --eval-every, --val-tokens and --checkpoint-every must be >= 1")
     print0(f"using device: {device}" + (f" | DDP: {ddp_world_size} ranks, {dist.get_backend()}" if ddp else ""))
     torch.manual_seed(args.seed)
     try:
         train_loader = DataLoaderLite(args.data_dir, "train", B, T, ddp_rank, ddp_world_size, args.seed,
                                       total_batch_size)
-        val_loader = DataLoaderLite(args.data_dir, "val", B, T, ddp_rank, ddp_world_size)
+        val_loader = DataLoaderLite(args.data_dir, "val", B, T, 0, 1)  # val_loss deals its batches to the ranks
     except ShardError as e:  # every rank reads the same shards: all stop here
         sys.exit(f"error: {e}; re-create it with fineweb.py, or pass --data-dir")
     hella = load_hellaswag(args, device, print0)
@@ -561,27 +565,25 @@ def main(argv=None):
     # fp16 keeps 5 exponent bits (bf16 keeps fp32's 8): gradients below ~6e-8 flush to 0. The scaler
     # multiplies the loss, so every gradient, by a large factor and divides it out before the update
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    checkpoint, ckpt, peers = open_log_dir(args.log_dir, args.resume, args.steps, device, config, train_loader)
-    start_step, val, resume = 0, None, "start again"  # resume: what an error line suggests
-    if ckpt:  # --resume: the state after ckpt["step"] steps
-        start_step, val, resume = restore(ckpt, checkpoint, raw_model, optimizer, scaler, train_loader, print0)
+    run = run_record(args, total_batch_size, T)  # what decides this run's trajectory, stored in each checkpoint
+    lock, ckpt_path, peers = open_log_dir(args.log_dir, args.resume, stop, print0)  # locked; None: a fresh run
+    # --resume: the state after ckpt["step"] steps, if it is this very run (a fresh run: no ckpt_path, step 0)
+    ckpt, error = load_checkpoint(ckpt_path, device, config, run, train_loader.sizes)
+    stop_all_on(error, stop, lock)
+    start_step, val = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader, args.steps)
+    if start_step >= args.steps:  # the run is finished (restore said so)
+        return close_run(stop, lock)
     log = Log(os.path.join(args.log_dir, "log.txt") if master_process else None)  # rank 0 writes it
-    log.header(device, ddp_world_size, raw_model, total_batch_size, B, T, resumed_at=start_step if ckpt else None)
+    log.header(device, ddp_world_size, raw_model, total_batch_size, B, T, resumed_at=start_step if ckpt_path else None)
     autocast = torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
-    got, handlers = stop_on_signals()
-    losses, error, stop = [], None, 0
+    losses, error, group_alive, saved = [], None, True, ckpt_path  # saved: the newest checkpoint on disk
+    stop.training = True  # a signal now finishes the step, which is saved
     try:  # out of memory anywhere in a step, a rank lost, a damaged shard: one line, see below
         for step in range(start_step, args.steps):
             last_step = step == args.steps - 1
             entries = []
             if step % args.eval_every == 0 or last_step:  # evaluation is not part of the step time
-                val = val_loss(model, val_loader, args.val_steps, device, autocast)
-                print0(f"validation loss: {val:.4f}")
-                entries.append(f"{step} val {val:.4f}")
-                if hella:
-                    n, correct = hellaswag_counts(raw_model, hella, device, autocast)
-                    print0(f"HellaSwag accuracy: {correct}/{n} = {correct / n:.4f}")
-                    entries.append(f"{step} hella {correct / n:.4f}")
+                val, entries = evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast)
             if master_process and ((step > 0 and step % args.eval_every == 0) or last_step):
                 for i, text in enumerate(sample(raw_model, args.num_return_sequences, args.max_length, args.seed)):
                     print(f"sample {i}: {text}")  # what does it say so far?
@@ -594,7 +596,7 @@ def main(argv=None):
                 if ddp:  # all-reduce the gradients only once, in the last micro-step's backward
                     model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
                 # autocast runs matmuls in bf16 (fp16); softmax, layernorm and the loss stay in fp32
-                with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
+                with autocast:
                     logits, loss = model(x, y)
                 # backward() adds into .grad: 1/count of each micro-batch's mean loss sums to one big batch's
                 loss = loss / grad_accum_steps
@@ -604,7 +606,8 @@ def main(argv=None):
             scaler.unscale_(optimizer)  # float16: clip the true gradients, not the scaled ones
             # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item(), resume)
+            error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item(),
+                                     f"; or, if it was a one-off fault, {resume_hint(saved)}")
             if error:
                 break  # every rank sees the same all-reduced loss and norm: all stop here
             lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
@@ -621,23 +624,27 @@ def main(argv=None):
             if peak:
                 line += f" | mfu {100 * flops_step / dt / (peak * 1e12 * ddp_world_size):.2f}"
             print0(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
-            stop = all_reduce_mean(torch.tensor(float(got[0]), device=device)).item()  # > 0: all ranks stop
+            stopping = all_reduce_mean(torch.tensor(float(stop.signum), device=device)).item() > 0  # all ranks stop
             if master_process:
                 log.write("".join(f"{entry}\n" for entry in entries + [f"{step} train {losses[-1]:.6f}"]))
-                if (step + 1) % args.checkpoint_every == 0 or last_step or stop:  # the state after step + 1 steps
-                    state = checkpoint_state(raw_model, optimizer, scaler, train_loader, step + 1, val)
-                    resume = save_checkpoint(os.path.join(args.log_dir, f"model_{step + 1:05d}.pt"), state) or resume
-            if stop:  # all ranks stop after this step (saved above); rank 0 says how to go on, also in the log
-                print0(log.note(f"stopped after step {step}; continue with: {resume_command(args.resume)}"))
+                if (step + 1) % args.checkpoint_every == 0 or last_step or stopping:  # the state after step + 1 steps
+                    state = checkpoint_state(raw_model, optimizer, scaler, train_loader, step + 1, val, run)
+                    saved, error = save_checkpoint(args.log_dir, state, saved, last=last_step or stopping)
+            if stopping:  # all ranks stop after this step; rank 0 says how to go on, also in the log
+                if not error:
+                    print0(log.note(f"stopped after step {step}; {resume_hint(saved)}"))
                 break
     except torch.OutOfMemoryError:  # -B x -T does not fit this GPU (this rank only: it leaves without the others)
         hint = f"-B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1 else "a smaller -T"
-        error, ddp = f"error: out of memory at -B {B} -T {T} on {device}; try {hint}", False
+        error, group_alive = f"error: out of memory at -B {B} -T {T} on {device}; try {hint}", False
     except RuntimeError as e:  # a rank died (killed, crashed): the collectives with it fail (anything else: raised)
-        error, ddp = lost_rank(e, step, peers, resume, args.resume), False
+        error, group_alive = lost_rank(e, step, peers, saved), False
     except ShardError as e:
-        error = f"error: step {step}: {e}; re-create it with fineweb.py, then {resume}"
-    return finish(args.log_dir, losses, error, (got[0] or signal.SIGTERM) if stop else 0, handlers, ddp)
+        error = f"error: step {step}: {e}; re-create it with fineweb.py, then {resume_hint(saved)}"
+    close_run(stop, lock, group_alive)
+    if error or stop.signum:  # rank 0's error line; or 128 + the signal's number, as a shell reports a stopped process
+        sys.exit((error if master_process else 1) if error else 128 + stop.signum)
+    return losses
 
 
 if __name__ == "__main__":

@@ -1,36 +1,30 @@
-"""What keeps stage 7's long run from losing work (README, "Long runs"), in one place.
+"""What keeps stage 7's long run from losing work (docs/long-runs.md), by concern: the process group and
+stopping together, signals, the log dir's lock, and log.txt. Checkpoints are in checkpoints.py.
 
-7_train_ddp_fineweb.py imports these; they are not the lecture's ideas, so they stay out of its
-diff against stage 6, which then shows DDP, FineWeb-Edu shards, validation, HellaSwag and
-checkpoints. Every function here is used by stage 7 alone and tested through it (tests/test_ddp.py,
-tests/test_longrun.py).
-
-- one run per log dir: rank 0 holds {log_dir}/lock; a lock whose holder died is taken over
-- a fresh run never replaces an earlier run's log.txt or checkpoints; --resume into an empty
-  log dir starts fresh (so `torchrun --max-restarts N ... --resume` restarts the run)
-- --resume continues the checkpoint's own run or says in one line what changed (model, total
-  batch, T, train shards); checkpoints are ordered by step number
-- SIGTERM, SIGHUP and Ctrl-C finish the step and save it; a failed write of log.txt or of a
-  checkpoint is one line and training goes on; a rank that died is one line on its peers
-- an error any rank finds at set-up stops all ranks together, with one line (out of memory is one
-  rank's own: it leaves, and torchrun stops the others)
+7_train_ddp_fineweb.py imports these; they are not the lecture's ideas, so they stay out of its diff against
+stage 6, which then shows DDP, FineWeb-Edu shards, validation, HellaSwag and checkpoints. Every function here
+is used by stage 7 alone and tested through it (tests/test_ddp.py, tests/test_longrun.py).
 """
-import glob
 import os
 import platform
-import re
 import signal
 import sys
-import time
-from dataclasses import asdict
 
 import numpy as np
 import tiktoken
 import torch
 import torch.distributed as dist
 
+from checkpoints import checkpoints_in, pick_checkpoint, resume_hint
+
+try:
+    import fcntl  # POSIX: flock
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
 # ----------------------------------------------------------------------------------------------
-# stopping together
+# the process group, and stopping together
 
 
 def init_process_group(backend):
@@ -45,9 +39,13 @@ def init_process_group(backend):
                             world_size=int(os.environ["WORLD_SIZE"]))
 
 
-def agree(error, log_dir=None):
-    """All ranks stop, or none: an error that any rank found stops every rank (none is left waiting in a
-    collective for one that left); the first rank of each machine prints it, rank 0 frees the log dir."""
+def is_master():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def stop_all_on(error, stop, lock=None):
+    """All ranks stop, or none: an error that any rank found at set-up stops every rank (none is left waiting
+    in a collective for one that left); the first rank of each machine prints it, and every rank exits 1."""
     if dist.is_initialized():
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
@@ -55,51 +53,172 @@ def agree(error, log_dir=None):
     if error:
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             print(error, file=sys.stderr)
-        finish(log_dir, [], "")
+        close_run(stop, lock)
+        sys.exit(1)
 
 
-def lock_log_dir(log_dir):
-    """One run per log dir: rank 0 holds {log_dir}/lock (its pid, host and torchrun job) while it runs. A lock
-    whose holder is gone (killed, crashed, or an earlier attempt of this torchrun job) is taken over."""
-    path, host = os.path.join(log_dir, "lock"), platform.node()
-    job = [os.environ.get("TORCHELASTIC_RUN_ID", "-"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "-")]
-    for attempt_no in range(4):
-        try:
-            with open(path, "x") as f:
-                f.write(f"{os.getpid()} {host} {' '.join(job)}\n")
-            return None
-        except FileExistsError:
-            pass
-        try:
-            with open(path) as f:
-                pid, holder, run_id, attempt = f.read().split()
-        except FileNotFoundError:  # its holder just removed it: try again
-            continue
-        except (OSError, ValueError):  # being written this instant, or half written by a run that crashed
-            if attempt_no < 2:
-                time.sleep(0.2)
+def every_rank(value):
+    """Rank 0's value (a path, a list), given to every rank."""
+    if dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box)
+        value = box[0]
+    return value
+
+
+def ranks_seen():
+    """Every rank's (host, pid), gathered at set-up: a rank that dies later can then be named."""
+    peers = [(platform.node(), os.getpid())] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(peers, (platform.node(), os.getpid()))
+    return peers
+
+
+def lost_rank(e, step, peers, saved):
+    """The one line for a rank that died mid-run (killed, crashed), from the error its peers' collectives raise;
+    `peers` is every rank's (host, pid), `saved` the newest checkpoint. Any other error is raised again."""
+    if not dist.is_initialized() or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
+        raise e
+    dead = [str(rank) for rank, (host, pid) in enumerate(peers) if host == platform.node() and not alive(pid)]
+    who = f"rank {', '.join(dead)} died" if dead else "another rank stopped answering"
+    return f"error: step {step}: {who}; this rank stops too, {resume_hint(saved)}"
+
+
+def close_run(stop, lock, group_alive=True):
+    """The end of a run, whatever ended it: the signal handlers go back (main() may run again), the log dir is
+    freed, and the ranks leave the process group together (group_alive=False: a rank is gone, do not wait)."""
+    stop.restore()
+    if lock:
+        lock.release()
+    if dist.is_initialized() and group_alive:  # wait for rank 0's last checkpoint: a rank that tears
+        dist.barrier()  # down gloo early can abort
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# signals
+
+
+class StopSignals:
+    """SIGTERM (a preemption, `timeout`; torchrun passes it on), SIGHUP (the terminal closed) or Ctrl-C.
+    During set-up a signal ends the run at once, with one line. Once training (`.training = True`), it is noted in
+    `.signum`, the step in progress finishes and is saved, and the run exits 128 + signum. A second Ctrl-C stops at
+    once. (Under torchrun a terminal's Ctrl-C reaches torchrun alone, its workers being in sessions of their own;
+    it sends each worker one SIGINT.)"""
+
+    def __init__(self):
+        self.signum, self.training = 0, False
+        names = [name for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)]
+        self.handlers = {getattr(signal, name): signal.signal(getattr(signal, name), self.note) for name in names}
+
+    def note(self, signum, frame):
+        if not self.training:
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"stopped by {signal.Signals(signum).name} during set-up; nothing was trained or saved",
+                      file=sys.stderr)
+            raise SystemExit(128 + signum)  # unwinds main(): the lock, if taken, is released with the process
+        self.signum = self.signum or signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
+        if signum == getattr(signal, "SIGHUP", None) and sys.stdout.isatty():  # the terminal is gone: print nowhere
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+
+    def restore(self):
+        for s, handler in self.handlers.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# one run per log dir
+
+
+class LogDirLock:
+    """{log_dir}/lock, held by rank 0 while it runs: an OS lock (flock; msvcrt on Windows) on the file, which the
+    OS releases when the process ends however it ends (kill -9, a crash, a reboot), so a stale lock never blocks
+    anyone and exactly one of several runs starting at once gets it. The file names the holder (pid, host,
+    torchrun job) for the error line."""
+
+    def __init__(self, log_dir):
+        self.path, self.file = os.path.join(log_dir, "lock"), None
+
+    def take(self):
+        """None, or the error line of a log dir another run holds."""
+        for _ in range(10):  # a holder removing its lock this instant: try again
+            f = open(self.path, "a+")
+            try:
+                lock_file(f)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().split() or ["?", "?"]
+                f.close()
+                pid, host = holder[0], holder[1] if len(holder) > 1 else "?"
+                return (f"error: {os.path.dirname(self.path)} is in use by process {pid} on {host} (its lock: "
+                        f"{self.path}); wait for it, or choose another --log-dir")
+            except OSError as e:  # a file system without locks (some network or FUSE mounts)
+                f.close()
+                print(f"note: {self.path}: this file system cannot lock ({e.strerror}); run one run at a time here")
+                return None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # we locked a lock file its holder had just removed
+                f.close()
                 continue
-            pid, holder, run_id, attempt = str(os.getpid()), host, "-", "-"  # still unreadable: stale
-        restarted = run_id == job[0] != "-" and attempt != job[1]  # torchrun --max-restarts started us again
-        if restarted or holder == host and (pid == str(os.getpid()) or not alive(int(pid))):
-            if os.path.exists(path):
-                os.remove(path)  # a stale lock: take it over
-            continue
-        what = "wait for it" if holder == host else f"if no run is alive on {holder}, delete {path}"
-        return (f"error: {log_dir} is in use by process {pid} on {holder} (its lock: {path}); {what}, "
-                "or choose another --log-dir")
-    return f"error: could not take the lock {path}; delete it if no run uses {log_dir}"
+            job = f"{os.environ.get('TORCHELASTIC_RUN_ID', '-')} {os.environ.get('TORCHELASTIC_RESTART_COUNT', '-')}"
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()} {platform.node()} {job}\n")
+            f.flush()
+            self.file = f
+            return None
+        return f"error: could not take the lock {self.path}; is another run starting and stopping there?"
+
+    def release(self):
+        if self.file:
+            try:
+                os.remove(self.path)  # while still holding it: a run that opens it now sees another inode
+            except OSError:
+                pass
+            self.file.close()
+            self.file = None
 
 
-def unlock_log_dir(log_dir):
-    path = os.path.join(log_dir, "lock")
-    try:
-        with open(path) as f:
-            ours = f.read().split()[:1] == [str(os.getpid())]
-        if ours:
-            os.remove(path)
-    except OSError:
-        pass
+def lock_file(f):
+    """Lock the open file f for this process, or raise BlockingIOError if another process holds it."""
+    if fcntl:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except PermissionError as e:
+            raise BlockingIOError(str(e)) from None
+
+
+def open_log_dir(log_dir, resume, stop, print0):
+    """Rank 0 locks the log dir and picks the checkpoint to continue (checkpoints.pick_checkpoint; None: a fresh
+    run); every rank gets that pick. Any rank's error stops all. Returns (rank 0's lock or None, the pick, every
+    rank's (host, pid), to name a rank that dies later)."""
+    lock, ckpt_path, error = LogDirLock(log_dir) if is_master() else None, None, None
+    if lock:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            error = lock.take()
+        except OSError as e:
+            error = f"error: cannot use --log-dir {log_dir} ({e})"
+        if not error:
+            ckpt_path, error = pick_checkpoint(log_dir, resume, print0)
+    stop_all_on(error, stop, lock)
+    ckpt_path = every_rank(ckpt_path)
+    if dist.is_initialized() and resume:  # several machines: each must see the checkpoints rank 0 sees
+        newest, seen = (checkpoints_in(log_dir) or ["none"])[-1], [None] * dist.get_world_size()
+        dist.all_gather_object(seen, os.path.basename(newest))
+        if len(set(seen)) > 1:
+            error = (f"error: --resume: the newest checkpoint in {log_dir}, rank by rank: {', '.join(seen)}; "
+                     "put --log-dir on storage every node shares")
+        stop_all_on(error, stop, lock)
+    return lock, ckpt_path, ranks_seen()
 
 
 def alive(pid):
@@ -116,109 +235,8 @@ def alive(pid):
         return True
 
 
-def checkpoints_in(log_dir):
-    """The model_{n}.pt files in log_dir, by step: a name sort would put model_99999.pt after model_100000.pt."""
-    found = [(int(m.group(1)), path) for path in glob.glob(os.path.join(log_dir, "model_*.pt"))
-             if (m := re.fullmatch(r"model_(\d+)\.pt", os.path.basename(path)))]
-    return [path for _, path in sorted(found)]
-
-
-def claim_log_dir(log_dir, resume, print0):
-    """Rank 0: lock the log dir and pick the checkpoint to continue (None: a fresh run); a fresh run never
-    replaces an earlier run's log or checkpoints. (checkpoint, error)."""
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-        error = lock_log_dir(log_dir)
-    except OSError as e:
-        error = f"error: cannot use --log-dir {log_dir} ({e})"
-    if error:
-        return None, error
-    checkpoints = checkpoints_in(log_dir)
-    if resume and not checkpoints:  # so that `torchrun --max-restarts N ... --resume` can start the run too
-        print0(f"--resume: no checkpoint in {log_dir} yet; starting a fresh run")
-    if not resume and (checkpoints or os.path.exists(os.path.join(log_dir, "log.txt"))):
-        earlier = os.path.basename(checkpoints[-1]) if checkpoints else "log.txt"
-        return None, (f"error: {log_dir} holds an earlier run ({earlier}); pass --resume to continue it, "
-                      "or choose another --log-dir")
-    return (checkpoints[-1] if checkpoints else None), None
-
-
-def open_log_dir(log_dir, resume, steps, device, config, loader):
-    """Rank 0 locks the log dir and picks the checkpoint to continue (none: a fresh run); every rank then loads
-    that one, checked to be of this very run. Returns (its path, the checkpoint), or (None, None), and every
-    rank's (host, pid), to name a rank that dies later. Any rank's error stops all; a finished run exits 0."""
-    master = not dist.is_initialized() or dist.get_rank() == 0
-    say = print if master else lambda *a: None
-    checkpoint, error = claim_log_dir(log_dir, resume, say) if master else (None, None)
-    if dist.is_initialized():  # every rank continues from rank 0's choice, and must see the same checkpoints
-        newest, seen = checkpoints_in(log_dir)[-1:] or ["none"], [None] * dist.get_world_size()
-        dist.all_gather_object(seen, os.path.basename(newest[0]))
-        choice = [checkpoint, error]
-        dist.broadcast_object_list(choice)
-        checkpoint, error = choice
-        if resume and not error and len(set(seen)) > 1:  # several machines, and the log dir is not shared
-            error = (f"error: --resume: the newest checkpoint in {log_dir}, rank by rank: {', '.join(seen)}; "
-                     "put --log-dir on storage every node shares")
-    agree(error, log_dir)
-    ckpt, error = load_checkpoint(checkpoint, device, config, loader) if checkpoint else (None, None)
-    agree(error, log_dir)
-    if ckpt and ckpt["step"] >= steps:
-        say(f"{checkpoint}: the run is finished ({ckpt['step']} of {steps} steps); nothing to do")
-        finish(log_dir, [])
-        sys.exit(0)
-    peers = [(platform.node(), os.getpid())] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(peers, (platform.node(), os.getpid()))
-    return checkpoint, ckpt, peers
-
-
-def load_checkpoint(path, device, config, loader):
-    """The checkpoint to resume from, checked to be of this very run. (checkpoint, error)."""
-    try:  # weights_only: it holds plain types and tensors, no pickled code
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # cut short (an interrupted copy, a full disk), or not a checkpoint at all
-        return None, (f"error: cannot load {path} ({str(e).split('.')[0] or type(e).__name__}); nothing was "
-                      f"deleted: move it out of {os.path.dirname(path)} and --resume takes the one before it")
-    return ckpt, same_run(ckpt, path, config, loader)
-
-
-def same_run(ckpt, path, config, loader):
-    """Why this run is not the checkpoint's run (so its losses could not equal the uninterrupted run's), or None.
-    A change of -B or of the number of ranks that keeps the total batch is fine: the same tokens make each step."""
-    if ckpt["config"] != asdict(config):
-        return (f"error: {path} holds a model with {ckpt['config']}, this run builds {asdict(config)}; "
-                "pass the same --n-layer/--n-head/--n-embd")
-    run, this = ckpt.get("run"), {"total_batch_size": loader.step_tokens, "T": loader.T}
-    if run and run != this:  # (checkpoints of older versions of this script have no record)
-        return (f"error: {path} was trained with --total-batch-size {run['total_batch_size']} -T {run['T']}, this run "
-                f"has {this['total_batch_size']} and {this['T']}; pass those to continue it, or start anew in another "
-                "--log-dir")
-    shards = ckpt["loader"].get("shards")
-    if shards:
-        changed = [f"{name} ({size} tokens)" for name, size in shards if loader.sizes.get(name) != size]
-        if changed:
-            return (f"error: {path} trained on train shards that are now missing or resized in its --data-dir: "
-                    f"{', '.join(changed[:3])}; put them back, or start anew in another --log-dir")
-        added = sorted(set(loader.sizes) - {name for name, _ in shards})
-        if added and (not dist.is_initialized() or dist.get_rank() == 0):  # fineweb.py still writing, say
-            print(f"--resume: {len(added)} train shard(s) added since the run started ({added[0]}, ...) are not used; "
-                  f"it goes on with its {len(shards)}")
-        loader.shards = [os.path.join(os.path.dirname(loader.shards[0]), name) for name, _ in shards]
-    return None
-
-
-def stop_on_signals():
-    """SIGTERM (a preemption, `timeout`; torchrun passes it on), SIGHUP (the terminal closed) or Ctrl-C: note
-    it, so that the step in progress finishes and is saved. Returns ([signal number or 0], handlers to restore)."""
-    got = [0]
-
-    def note(signum, frame):
-        got[0] = signum
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
-        if signum == getattr(signal, "SIGHUP", None) and sys.stdout.isatty():  # the terminal is gone: print nowhere
-            sys.stdout = sys.stderr = open(os.devnull, "w")
-    signals = [getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)]
-    return got, {s: signal.signal(s, note) for s in signals}
+# ----------------------------------------------------------------------------------------------
+# log.txt
 
 
 class Log:
@@ -259,51 +277,3 @@ class Log:
                    f"# model: n_layer {c.n_layer} n_head {c.n_head} n_embd {c.n_embd} ({n_params / 1e6:.1f}M params)"
                    f" | total batch size {total_batch_size} tokens | B {B} T {T}\n"
                    + (f"# resumed at step {resumed_at}\n" if resumed_at is not None else ""))
-
-
-def save_checkpoint(path, state):
-    """Write atomically (a .tmp file, renamed): a crash mid-write never leaves a torn checkpoint. A failed write
-    (a full disk) is one line; the earlier checkpoints stay as they are. Returns "--resume from PATH", or None."""
-    try:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        return f"--resume from {path}"
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        print(f"error: could not write {path} ({e}); removed its .tmp, kept the earlier ones", file=sys.stderr)
-        return None
-
-
-def resume_command(resumed):
-    """The command that continues this run (on one machine; on several, the same torchrun lines + --resume)."""
-    ddp = dist.is_initialized()
-    cmd = [f"torchrun --standalone --nproc_per_node={dist.get_world_size()}" if ddp else "python"] + sys.argv
-    return " ".join(cmd) + ("" if resumed else " --resume")
-
-
-def lost_rank(e, step, peers, resume, resumed):
-    """The one line for a rank that died mid-run (killed, crashed), from the error its peers' collectives
-    raise; `peers` is every rank's (host, pid). Any other error is raised again, traceback and all."""
-    if not dist.is_initialized() or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
-        raise e
-    dead = [str(rank) for rank, (host, pid) in enumerate(peers) if host == platform.node() and not alive(pid)]
-    who = f"rank {', '.join(dead)} died" if dead else "another rank stopped answering"
-    return f"error: step {step}: {who}; this rank stops too, {resume}: {resume_command(resumed)}"
-
-
-def finish(log_dir, losses, error=None, signum=0, handlers=None, ddp=None):
-    """The end of a run, whatever ended it: put the signal handlers back (main() may run again), free the log
-    dir, leave the process group together (ddp=False: a rank is gone) and exit with the reason: an error
-    (rank 0 prints it; "": exit 1 silently), or 128 + a signal's number, as a shell reports a stopped process."""
-    for s, handler in (handlers or {}).items():
-        signal.signal(s, handler)
-    master = not dist.is_initialized() or dist.get_rank() == 0
-    if master and log_dir:
-        unlock_log_dir(log_dir)
-    if dist.is_initialized() and ddp is not False:  # wait for rank 0's last checkpoint: a rank that tears
-        dist.barrier()  # down gloo early can abort
-        dist.destroy_process_group()
-    if error is not None or signum:
-        sys.exit((error if master and error else 1) if error is not None else 128 + signum)
-    return losses

@@ -529,7 +529,7 @@ class Check:
         compile_ = ["--compile"] if self.device == "cuda" or self.args.compile_on_cpu else ["--no-compile"]
         cmd = [sys.executable, ROOT / "7_train_ddp_fineweb.py", "--device", self.device, "-B", B, "-T", T, *size,
                "--steps", self.args.steps, "--total-batch-size", total, *compile_, "--data-dir", shards,
-               "--log-dir", log_dir, "--eval-every", 100000, "--val-steps", 1, "--hellaswag-file", empty,
+               "--log-dir", log_dir, "--eval-every", 100000, "--val-tokens", 1, "--hellaswag-file", empty,
                "--checkpoint-every", 100000]
         cmd += ["--peak-tflops", self.args.peak_tflops] if self.args.peak_tflops else []
         used = []

@@ -167,7 +167,7 @@ STAGE7 = "7_train_ddp_fineweb"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # float32 and eager, so that 1 and 2 processes differ only in summation order
 RUN7 = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "256", "--dtype", "float32",
-               "--no-compile", "--eval-every", "1000", "--val-steps", "2"]
+               "--no-compile", "--eval-every", "1000", "--val-tokens", "256"]
 
 
 def run7(*args, nproc=1, **kw):

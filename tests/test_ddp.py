@@ -77,10 +77,15 @@ def test_shuffle_per_epoch(shards):
 
 
 def test_ddp_two_processes_equal_one(shards, tmp_path):
-    """2 ranks x 2 micro-steps give the losses and gradient norms of 1 process x 4 micro-steps."""
-    _, one = run7("--data-dir", shards, "--log-dir", tmp_path / "one", "--steps", "4")
-    proc, two = run7("--data-dir", shards, "--log-dir", tmp_path / "two", "--steps", "4", nproc=2)
+    """2 ranks x 2 micro-steps give the losses and gradient norms of 1 process x 4 micro-steps, and the same val
+    loss: the val set is --val-tokens dealt across the ranks (3 batches here: rank 0 takes 2, rank 1 takes 1)."""
+    val = ["--val-tokens", "192"]
+    one_proc, one = run7("--data-dir", shards, "--log-dir", tmp_path / "one", "--steps", "4", *val)
+    proc, two = run7("--data-dir", shards, "--log-dir", tmp_path / "two", "--steps", "4", *val, nproc=2)
     assert "2 micro-steps of B*T = 64 on each of 2 ranks" in proc.stdout
+    vals = [[float(line.split()[-1]) for line in p.stdout.splitlines() if line.startswith("validation loss:")]
+            for p in (one_proc, proc)]
+    assert len(vals[0]) == 2 and vals[0] == pytest.approx(vals[1], abs=2e-4)  # printed to 4 decimals
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -109,10 +114,11 @@ def test_checkpoint_contents(shards, tmp_path):
     assert ckpt["step"] == 2 and ckpt["config"] == {"block_size": 1024, "vocab_size": 50304, "n_layer": 2,
                                                     "n_head": 2, "n_embd": 32}
     assert isinstance(ckpt["val_loss"], float) and set(ckpt["loader"]) == {"epoch", "shard", "position", "shards"}
-    # what makes it this run: the train shards (names, sizes) and the total batch and sequence length
+    # what makes it this run: the train shards (names, sizes) and every flag that decides the trajectory
     assert ckpt["loader"]["shards"] == [[f"edufineweb_train_{i:06d}.npy", n] for i, n in
                                         zip(range(1, 5), [5003, 4099, 6007, 2999])]
-    assert ckpt["run"] == {"total_batch_size": 256, "T": 32}
+    assert ckpt["run"] == {"seed": 1337, "max_lr": 6e-4, "warmup_steps": 10, "steps": 2, "total_batch_size": 256,
+                           "T": 32}
     assert not [k for k in ckpt["model"] if k.startswith(("module.", "_orig_mod."))]
     assert "state" in ckpt["optimizer"] and "cpu" in ckpt["rng"]
     assert not list(tmp_path.glob("*.tmp"))
@@ -271,8 +277,8 @@ def test_signal_saves_the_step_and_resume_goes_on_exactly(straight, tmp_path, np
         assert proc.returncode == 128 + sig  # as a shell reports a process the signal stopped
     assert sorted(p.name for p in log.iterdir()) == ["log.txt", f"model_{n:05d}.pt"]  # one checkpoint, no .tmp
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith(f"stopped after step {n - 1}; continue with: "), proc.stdout
-    command = shlex.split(last.split("continue with: ", 1)[1])
+    assert last.startswith(f"stopped after step {n - 1}; continue from {log / f'model_{n:05d}.pt'} with: "), proc.stdout
+    command = shlex.split(last.split(" with: ", 1)[1])
     assert command[0] == ("torchrun" if nproc == 2 else "python") and command.count("--resume") == 1
     if sig == signal.SIGINT:
         return

@@ -39,7 +39,7 @@ def text_shards(tmp_path):
 
 def stage7_args(data, log_dir):
     return ["--data-dir", data, "--log-dir", log_dir, "--hellaswag-file", data.parent / "no_hellaswag.jsonl",
-            "--eval-every", "1000", "--val-steps", "2", "--warmup-steps", "5", "--total-batch-size", "2048"]
+            "--eval-every", "1000", "--val-tokens", "1", "--warmup-steps", "5", "--total-batch-size", "2048"]
 
 
 def train(name, *args, cmd=None):

@@ -22,7 +22,7 @@ def stage_args(name, tmp_path):
     if name == NAME:
         shards = write_shards(tmp_path / "shards", [3001, 5003])
         (tmp_path / "no_hellaswag.jsonl").write_text("")
-        return ["--data-dir", shards, "--log-dir", tmp_path / "log", "--eval-every", "1000", "--val-steps", "1",
+        return ["--data-dir", shards, "--log-dir", tmp_path / "log", "--eval-every", "1000", "--val-tokens", "1",
                 "--hellaswag-file", tmp_path / "no_hellaswag.jsonl", "--total-batch-size", "64"]
     return ["--total-batch-size", "64"] if name != "5_train_speedup" else []
 

@@ -2,6 +2,7 @@
 SIGHUP, resumes that are the same run, restarts that restart, a rank that dies, damaged shards."""
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from conftest import (ROOT, RUN7 as RUN, STAGE7 as NAME, TORCHRUN, assert_clean_error, load, parse_steps, run7,
                       run_script, signal_run, write_shards)
 
+import checkpoints
 import longrun
 
 
@@ -57,40 +59,71 @@ def test_a_second_run_into_a_busy_log_dir_stops_and_sighup_saves_the_first(tmp_p
     assert [r["step"] for r in rows] == list(range(n)) and 1 <= n < 4
     assert sorted(p.name for p in log.iterdir()) == ["log.txt", f"model_{n:05d}.pt"]  # its own, and no lock
     assert torch.load(log / f"model_{n:05d}.pt", weights_only=True)["step"] == n
-    assert f"stopped after step {n - 1}; continue with: " in out.strip().splitlines()[-1]
+    stopped = f"stopped after step {n - 1}; continue from {log / f'model_{n:05d}.pt'} with: "
+    assert out.strip().splitlines()[-1].startswith(stopped)
     log_lines = (log / "log.txt").read_text().splitlines()
-    assert log_lines[-1].startswith(f"# stopped after step {n - 1}; continue with: ") and "--resume" in log_lines[-1]
+    assert log_lines[-1].startswith(f"# {stopped}") and "--resume" in log_lines[-1]
     assert sum(line.startswith("# command:") for line in log_lines) == 1  # the second run wrote nothing
 
 
-def test_lock_of_a_live_process_another_host_or_an_earlier_torchrun_attempt(tmp_path, monkeypatch):
-    """The lock names its holder; a dead holder's lock (kill -9, power loss) is taken over, a live one on this
-    host is not, one on another host says how to clear it; torchrun's restart takes over its earlier attempt's."""
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+def test_lock_is_held_by_a_live_run_and_never_by_a_stale_file(tmp_path):
+    """The lock is the OS's (flock), held while its process lives: a live holder's stops a second run with its pid
+    and host; a lock file whose process is gone (kill -9, a crash) or whose pid now belongs to an unrelated process
+    (after a reboot), or that is half written, is taken over."""
+    hold = ("import sys, time, longrun; lock = longrun.LogDirLock(sys.argv[1]); assert lock.take() is None; "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        error = longrun.LogDirLock(str(tmp_path)).take()
+        assert f"{tmp_path} is in use by process {holder.pid} on {platform.node()}" in error and "wait for it" in error
+    finally:
+        holder.kill()
+        holder.wait()
     lock = tmp_path / "lock"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        lock.write_text(f"{sleeper.pid} {platform.node()} - -\n")
-        error = longrun.lock_log_dir(str(tmp_path))
-        assert f"in use by process {sleeper.pid} on {platform.node()}" in error and lock.read_text().startswith(
-            str(sleeper.pid))
-        lock.write_text(f"{sleeper.pid} other-machine - -\n")
-        assert f"if no run is alive on other-machine, delete {lock}" in longrun.lock_log_dir(str(tmp_path))
-        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
-        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-        lock.write_text(f"{sleeper.pid} other-machine job7 0\n")  # attempt 0 of this very torchrun job
-        assert longrun.lock_log_dir(str(tmp_path)) is None
-        assert lock.read_text() == f"{os.getpid()} {platform.node()} job7 1\n"
+        for stale in [f"{holder.pid} {platform.node()} - -\n", f"{sleeper.pid} {platform.node()} - -\n", "4242"]:
+            lock.write_text(stale)  # a dead holder's; a live but unrelated process's pid; half written
+            ours = longrun.LogDirLock(str(tmp_path))
+            assert ours.take() is None and lock.read_text().startswith(f"{os.getpid()} {platform.node()} ")
+            ours.release()
+            assert not lock.exists()
     finally:
         sleeper.kill()
         sleeper.wait()
-    lock.write_text(f"{sleeper.pid} {platform.node()} - -\n")  # its holder is gone now
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
-    assert longrun.lock_log_dir(str(tmp_path)) is None and lock.read_text().startswith(f"{os.getpid()} ")
-    longrun.unlock_log_dir(str(tmp_path))
-    assert not lock.exists()
-    lock.write_text("4242")  # half written by a run that crashed in the middle of it
-    assert longrun.lock_log_dir(str(tmp_path)) is None and lock.read_text().startswith(f"{os.getpid()} ")
+
+
+def take_and_report(log_dir, barrier, results, release):
+    barrier.wait(timeout=60)
+    lock = longrun.LogDirLock(log_dir)
+    got = lock.take() is None
+    results.put(got)
+    if got:
+        release.wait(timeout=60)  # hold it until every contender has tried
+        lock.release()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="forks")
+def test_a_stale_lock_is_taken_over_by_exactly_one_of_several_runs_starting_at_once(tmp_path):
+    """Four runs start at the same instant on a log dir with a stale lock file: exactly one gets it, every time
+    (the lock used to be check-then-remove, and two won in 5-14 % of such trials)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(12):
+        log_dir = tmp_path / f"trial{trial}"
+        log_dir.mkdir()
+        (log_dir / "lock").write_text("999999 " + platform.node() + " - -\n")  # its holder is long gone
+        barrier, results, release = ctx.Barrier(4), ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(target=take_and_report, args=(str(log_dir), barrier, results, release))
+                 for _ in range(4)]
+        for p in procs:
+            p.start()
+        winners = sum(results.get(timeout=60) for _ in procs)  # bounded: a contender that hangs fails the test
+        release.set()
+        for p in procs:
+            p.join(timeout=60)
+        assert winners == 1, f"trial {trial}: {winners} runs got the lock"
 
 
 # ---------------------------------------------------------------------------- log.txt that cannot be written
@@ -148,7 +181,7 @@ def test_resume_with_a_shard_added_goes_on_exactly_with_its_own_shards(straight,
     same_losses(rows, full)
 
 
-@pytest.mark.parametrize("change", ["shard removed", "shard resized", "total batch", "seq len"])
+@pytest.mark.parametrize("change", ["shard removed", "shard resized", "total batch", "seq len", "seed", "lr schedule"])
 def test_resume_that_would_be_another_run_says_what_changed(change, straight, tmp_path):
     data, _, straight_log = straight
     shards = tmp_path / "shards"
@@ -164,12 +197,35 @@ def test_resume_that_would_be_another_run_says_what_changed(change, straight, tm
         np.save(shards / "edufineweb_train_000003.npy", np.arange(6100, dtype=np.uint16))
         needles = ["edufineweb_train_000003.npy (6007 tokens)"]
     elif change == "total batch":
-        extra, needles = ["--total-batch-size", "512"], ["--total-batch-size 256 -T 32, this run has 512 and 32"]
-    else:
-        extra, needles = ["-T", "16"], ["--total-batch-size 256 -T 32, this run has 256 and 16"]
+        extra, needles = ["--total-batch-size", "512"], ["--total-batch-size 256, this run has --total-batch-size 512"]
+    elif change == "seq len":
+        extra, needles = ["-T", "16"], ["trained with -T 32, this run has -T 16; pass -T 32 to continue it exactly"]
+    elif change == "seed":  # another shard order: the rest of the epoch would re-read some shards, skip others
+        extra, needles = ["--seed", "7"], ["trained with --seed 1337, this run has --seed 7; pass --seed 1337"]
+    else:  # the schedule: step 3 would run at another learning rate; all three named in one line
+        extra = ["--max-lr", "1e-3", "--warmup-steps", "2", "--steps", "8"]
+        needles = ["trained with --max-lr 0.0006 --warmup-steps 10 --steps 6, this run has --max-lr 0.001 "
+                   "--warmup-steps 2 --steps 8; pass --max-lr 0.0006 --warmup-steps 10 --steps 6"]
     proc = run_script(NAME, *RUN, *data, "--data-dir", shards, "--log-dir", tmp_path / "log", "--resume", *extra)
     assert_clean_error(proc, str(tmp_path / "log" / "model_00003.pt"), *needles)
     assert sorted(p.name for p in (tmp_path / "log").iterdir()) == ["model_00003.pt"]  # nothing written, no lock
+
+
+def test_every_flag_is_checked_on_resume_or_said_in_help_to_be_free_to_change(capsys):
+    """A flag added later cannot silently change a resumed run: each is stored and checked (checkpoints.py), or
+    --help says that it may change on --resume."""
+    import re
+    m = load(NAME)
+    with pytest.raises(SystemExit):
+        m.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "These may change on --resume:" in help_text
+    checked = set(checkpoints.TRAJECTORY_FLAGS.values()) | {"--n-layer", "--n-head", "--n-embd"}
+    for action in m.make_parser()._actions:
+        names = [o for o in action.option_strings if o not in ("-h", "--help", "--resume")]
+        epilog = help_text.split("--resume continues the run exactly")[-1]
+        said = [o for o in names if re.search(re.escape(o) + r"(?![\w-])", epilog)]
+        assert not names or said or checked & set(names), names
 
 
 def test_resume_with_another_number_of_ranks_keeps_the_total_batch(straight, tmp_path):
@@ -196,9 +252,9 @@ def test_resume_of_a_finished_run_says_so(straight, tmp_path):
 def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
     for name in ["model_99999.pt", "model_100000.pt", "model_00005.pt", "model_00007.pt.damaged", "model_x.pt"]:
         (tmp_path / name).write_bytes(b"")
-    assert [os.path.basename(p) for p in longrun.checkpoints_in(str(tmp_path))] == [
+    assert [os.path.basename(p) for p in checkpoints.checkpoints_in(str(tmp_path))] == [
         "model_00005.pt", "model_99999.pt", "model_100000.pt"]
-    checkpoint, error = longrun.claim_log_dir(str(tmp_path), True, print)
+    checkpoint, error = checkpoints.pick_checkpoint(str(tmp_path), True, print)
     assert error is None and checkpoint.endswith("model_100000.pt")
 
 
@@ -237,7 +293,7 @@ def test_torchrun_max_restarts_restarts_a_killed_worker_and_ends_as_the_uninterr
     assert proc.returncode == 0, out
     assert "--resume: no checkpoint in" in out and f"resuming from {log / 'model_00003.pt'} after step 2" in out
     lost = [line for line in out.splitlines() if line.startswith("error: step ")]
-    assert len(lost) == 1 and "rank 1 died; this rank stops too, --resume from " in lost[0], out
+    assert len(lost) == 1 and "rank 1 died; this rank stops too, continue from " in lost[0], out
     assert f'{NAME}.py", line' not in out  # no traceback from any rank
     train = {}  # the log's train lines, the later one winning (the restart redoes steps after the checkpoint)
     for line in (log / "log.txt").read_text().splitlines():
@@ -283,5 +339,80 @@ def test_shard_with_ids_past_the_vocabulary_found_mid_run(tmp_path):
     empty.write_text("")
     proc = run_script(NAME, *RUN, "--data-dir", shards, "--hellaswag-file", empty, "--log-dir", tmp_path / "log",
                       "--steps", "30", "--checkpoint-every", "5")
-    assert_clean_error(proc, str(second), "token id 50300", "re-create it with fineweb.py, then --resume from")
+    assert_clean_error(proc, str(second), "token id 50300", "re-create it with fineweb.py, then continue from")
     assert parse_steps(proc.stdout)  # it trained on the first shard
+
+
+# ---------------------------------------------------------------------------- every exit tells the truth
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_run_whose_last_checkpoint_cannot_be_written_fails_and_says_so(shards_and_empty, tmp_path):
+    """The last checkpoint on a full disk (its .tmp is /dev/full: ENOSPC): the run does not end as a success; the
+    line says "the disk is full" in words, and its resume command names the newest checkpoint that exists."""
+    log = tmp_path / "log"
+    log.mkdir()
+    (log / "model_00003.pt.tmp").symlink_to("/dev/full")
+    proc = run_script(NAME, *RUN, *shards_and_empty, "--log-dir", log, "--steps", "3", "--checkpoint-every", "2")
+    assert_clean_error(proc, f"could not write {log / 'model_00003.pt'} (the disk is full at {log})",
+                       f"continue from {log / 'model_00002.pt'} with: ")
+    assert proc.returncode == 1 and [r["step"] for r in parse_steps(proc.stdout)] == [0, 1, 2]
+    assert "enforce fail" not in proc.stderr  # torch's own words for a full disk
+    assert sorted(p.name for p in log.iterdir()) == ["log.txt", "model_00002.pt"]  # no .tmp, no lock left
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_stop_that_could_not_be_saved_names_no_checkpoint(shards_and_empty, tmp_path):
+    """SIGTERM, and its checkpoint cannot be written: exit 1 (not 143, a clean stop), and no resume command for a
+    checkpoint that does not exist: nothing is saved yet, the same command with --resume starts again."""
+    log = tmp_path / "log"
+    log.mkdir()
+    for n in (1, 2, 3):
+        (log / f"model_{n:05d}.pt.tmp").symlink_to("/dev/full")
+    proc = signal_run([*shards_and_empty, "--log-dir", log, "--steps", "6"], [signal.SIGTERM])
+    n = len(parse_steps(proc.stdout))
+    assert_clean_error(proc, f"could not write {log / f'model_{n:05d}.pt'} (the disk is full at {log})",
+                       "nothing is saved yet; start again with: python ")
+    assert proc.returncode == 1 and "continue from" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_set_up_ends_in_one_line(sig, shards_and_empty, tmp_path):
+    """Ctrl-C or SIGTERM while the run sets up (data, model, log dir): one line, 128 + the signal, no traceback."""
+    cmd = [sys.executable, str(ROOT / f"{NAME}.py")] + [str(a) for a in RUN + shards_and_empty + ["--log-dir",
+                                                                                              tmp_path / "log"]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()  # main() has started: the total batch line comes before any set-up
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert first.startswith("total batch size") and not parse_steps(out), first + out
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"stopped by {signal.Signals(sig).name} during set-up; nothing was "
+                                            "trained or saved")
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
+def test_ctrl_c_under_torchrun_saves_the_step_and_says_how_to_go_on(shards_and_empty, tmp_path):
+    """Ctrl-C in a terminal goes to its foreground process group: torchrun, which passes one SIGINT to each worker
+    (they run in sessions of their own). The run finishes the step, saves it and prints its own line, with a
+    command that pastes (the log dir has a space). torchrun itself then ends with its own SignalException
+    traceback and exit 1, which is torch's (docs/long-runs.md)."""
+    log = tmp_path / "log dir"  # a space: the printed command must still paste
+    cmd = TORCHRUN + [f"{NAME}.py"] + [str(a) for a in RUN + shards_and_empty + ["--log-dir", log, "--steps", "6"]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    head = []
+    for line in proc.stdout:
+        head.append(line)
+        if line.startswith("step "):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    out = "".join(head) + out
+    n = len(parse_steps(out))
+    stopped = [line for line in out.splitlines() if line.startswith("stopped after step")]
+    assert stopped and stopped[0].startswith(f"stopped after step {n - 1}; continue from {log / f'model_{n:05d}.pt'}")
+    assert (log / f"model_{n:05d}.pt").exists() and f'{NAME}.py", line' not in err
+    command = shlex.split(stopped[0].split(" with: ", 1)[1])
+    assert command[:2] == ["torchrun", "--standalone"] and command[command.index("--log-dir") + 1] == str(log)

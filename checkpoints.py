@@ -1,0 +1,171 @@
+"""Stage 7's checkpoints, all in one place: what model_{n:05d}.pt holds, writing, finding and loading one,
+the check that --resume continues the very run that wrote it, and restoring its state (docs/long-runs.md).
+
+A checkpoint is the state after n optimisation steps: model, optimizer, grad scaler, data-loader position
+(with the train shards' names and sizes), the CPU RNG, the last val loss, the model config (a plain dict), and
+`run`: every setting that decides the run's trajectory. `--resume` continues exactly, so the resumed run's
+losses equal the uninterrupted run's, or names in one line what differs and what to pass. -B, the number of
+ranks, the device and the evaluation, checkpoint and sampling flags may change: the same tokens make each step.
+"""
+import errno
+import glob
+import os
+import re
+import shlex
+import sys
+import textwrap
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+# what decides the trajectory, by the flag that sets it (the model config and the shards are checked too)
+TRAJECTORY_FLAGS = {"seed": "--seed", "max_lr": "--max-lr", "warmup_steps": "--warmup-steps", "steps": "--steps",
+                    "total_batch_size": "--total-batch-size", "T": "-T"}
+RESUME_MAY_CHANGE = textwrap.fill(  # --help's last lines
+    "--resume continues the run exactly: the model, the train shards and every flag that decides the run (--seed "
+    "--max-lr --warmup-steps --steps --total-batch-size -T --n-layer --n-head --n-embd) are stored in each "
+    "checkpoint and checked. These may change on --resume: -B and the number of GPUs (the same tokens make each "
+    "step), --device, --compile, --dtype (another dtype's rounding differs slightly), --data-dir (holding the same "
+    "shards), --eval-every, --val-tokens, --hellaswag-file, --hellaswag-limit, --checkpoint-every, "
+    "--num-return-sequences, --max-length, --peak-tflops, --log-dir (moved whole).", 100, break_on_hyphens=False)
+
+
+def run_record(args, total_batch_size, T):
+    """This run's trajectory settings, as a checkpoint stores them."""
+    return {"seed": args.seed, "max_lr": args.max_lr, "warmup_steps": args.warmup_steps, "steps": args.steps,
+            "total_batch_size": total_batch_size, "T": T}
+
+
+def checkpoint_state(model, optimizer, scaler, loader, step, val_loss, run):
+    """What model_{step:05d}.pt holds: enough to continue exactly (restore), and what makes it this run."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(model.config),
+            "step": step, "val_loss": val_loss, "scaler": scaler.state_dict(), "loader": loader.state_dict(),
+            "run": run, "rng": {"cpu": torch.get_rng_state()}}
+
+
+def save_checkpoint(log_dir, state, saved, last):
+    """Write model_{step:05d}.pt. A failed write (a full disk) is one line and training goes on, the earlier
+    checkpoints kept, unless it was the run's last (the end, or a signal): then the error line, naming the newest
+    checkpoint on disk, ends the run. Returns (the newest checkpoint on disk, that error line or None)."""
+    path = os.path.join(log_dir, f"model_{state['step']:05d}.pt")
+    failed = write_atomically(path, state)
+    if not failed:
+        return path, None
+    if last:  # the run ends with its last steps unsaved: not a success
+        return saved, f"error: could not write {path} ({failed}); {resume_hint(saved)}"
+    print(f"error: could not write {path} ({failed}); training goes on", file=sys.stderr)
+    return saved, None
+
+
+def write_atomically(path, state):
+    """torch.save to a .tmp file, flushed to disk, then renamed: a crash mid-write never leaves a torn
+    checkpoint. Returns None, or what went wrong (the .tmp removed)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:  # through a Python file: a full disk is OSError ENOSPC, not torch's
+            torch.save(state, f)  # "[enforce fail at inline_container.cc] unexpected pos"
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return None
+    except (OSError, RuntimeError) as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            return f"the disk is full at {os.path.dirname(path) or '.'}"
+        return f"{type(e).__name__}: {e}"
+
+
+def checkpoints_in(log_dir):
+    """The model_{n}.pt files in log_dir, by step: a name sort would put model_99999.pt after model_100000.pt."""
+    found = [(int(m.group(1)), path) for path in glob.glob(os.path.join(glob.escape(log_dir), "model_*.pt"))
+             if (m := re.fullmatch(r"model_(\d+)\.pt", os.path.basename(path)))]
+    return [path for _, path in sorted(found)]
+
+
+def pick_checkpoint(log_dir, resume, print0):
+    """The checkpoint a run continues from: on --resume the newest in log_dir, None for a fresh run (also on
+    --resume into a log dir without one, so that `torchrun --max-restarts N ... --resume` starts the run too).
+    A fresh run never replaces an earlier run's log.txt or checkpoints. (path, error line)."""
+    found = checkpoints_in(log_dir)
+    if resume and not found:
+        print0(f"--resume: no checkpoint in {log_dir} yet; starting a fresh run")
+    if not resume and (found or os.path.exists(os.path.join(log_dir, "log.txt"))):
+        earlier = os.path.basename(found[-1]) if found else "log.txt"
+        return None, (f"error: {log_dir} holds an earlier run ({earlier}); pass --resume to continue it, "
+                      "or choose another --log-dir")
+    return (found[-1] if resume and found else None), None
+
+
+def load_checkpoint(path, device, config, run, shard_sizes):
+    """(the checkpoint, None), or (None, the error line): it cannot be read, or it is another run's (other_run);
+    (None, None) for no path (a fresh run). weights_only: plain types and tensors, no pickled code; torch's
+    legacy (non-zip) format loads too."""
+    if path is None:
+        return None, None
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"model", "optimizer", "config", "step", "loader"} <= set(ckpt):
+            raise ValueError("not a checkpoint of 7_train_ddp_fineweb.py")
+    except Exception as e:  # cut short (an interrupted copy, a full disk), or not a checkpoint at all
+        return None, (f"error: cannot load {path} ({str(e).split('.')[0] or type(e).__name__}); nothing was "
+                      f"deleted: move it out of {os.path.dirname(path)} and --resume takes the one before it")
+    error = other_run(ckpt, path, config, run, shard_sizes)
+    return (None, error) if error else (ckpt, None)
+
+
+def other_run(ckpt, path, config, run, shard_sizes):
+    """Why this run is not the checkpoint's (its losses could not equal the uninterrupted run's): one error line
+    naming every difference and what to pass; None if it is the same run."""
+    if ckpt["config"] != asdict(config):
+        return (f"error: {path} holds a model with {ckpt['config']}, this run builds {asdict(config)}; "
+                "pass the same --n-layer/--n-head/--n-embd")
+    theirs = ckpt.get("run") or {}  # (checkpoints of older versions of this script record less)
+    differ = [key for key in TRAJECTORY_FLAGS if key in theirs and theirs[key] != run[key]]
+    if differ:
+        was = " ".join(f"{TRAJECTORY_FLAGS[k]} {theirs[k]}" for k in differ)
+        now = " ".join(f"{TRAJECTORY_FLAGS[k]} {run[k]}" for k in differ)
+        return (f"error: {path} was trained with {was}, this run has {now}; pass {was} to continue it exactly, "
+                "or start anew in another --log-dir")
+    changed = [f"{name} ({size} tokens)" for name, size in ckpt["loader"].get("shards", [])
+               if shard_sizes.get(name) != size]
+    if changed:
+        return (f"error: {path} trained on train shards that are now missing or resized in its --data-dir: "
+                f"{', '.join(changed[:3])}; put them back, or start anew in another --log-dir")
+    return None
+
+
+def restore(ckpt, path, model, optimizer, scaler, loader, steps):
+    """The state after ckpt["step"] steps (the loader reads the checkpoint's own train shards), and a line saying so.
+    Returns (the first step to run, the last val loss): (0, None) without a checkpoint."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if ckpt is None:
+        return 0, None
+    if ckpt["step"] >= steps:
+        if master:
+            print(f"{path}: the run is finished ({ckpt['step']} of {steps} steps); nothing to do")
+        return ckpt["step"], ckpt["val_loss"]
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):  # float16 runs only: a disabled scaler has no state
+        scaler.load_state_dict(ckpt["scaler"])
+    loader.load_state_dict(ckpt["loader"])  # and with it the checkpoint's own list of train shards
+    added = sorted(set(loader.sizes) - {name for name, _ in ckpt["loader"].get("shards", [])})
+    if added and ckpt["loader"].get("shards") and master:
+        print(f"--resume: {len(added)} train shard(s) added since the run started ({added[0]}, ...) are not used; "
+              f"it goes on with its {len(ckpt['loader']['shards'])}")  # fineweb.py still writing, say
+    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())  # map_location moved it to the device
+    if master:
+        print(f"resuming from {path} after step {ckpt['step'] - 1}")
+    return ckpt["step"], ckpt["val_loss"]
+
+
+def resume_hint(saved):
+    """What a line that ends the run suggests: the command that continues from the newest checkpoint on disk, or,
+    before the first one, the same command (--resume in a log dir without checkpoints starts afresh)."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
+    argv = sys.argv + ([] if "--resume" in sys.argv else ["--resume"])
+    command = launcher + " " + shlex.join(argv)  # quoted: a --log-dir with a space stays one argument
+    return f"continue from {saved} with: {command}" if saved else f"nothing is saved yet; start again with: {command}"
