@@ -7,6 +7,7 @@ is used by stage 7 alone and tested through it (tests/test_ddp.py, tests/test_lo
 """
 import os
 import platform
+import shlex
 import signal
 import sys
 
@@ -271,7 +272,7 @@ class Log:
         """The run's # lines: command, versions, device, model size and batch (plot_log.py reads the last)."""
         chip = torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine()
         c, n_params = model.config, sum(p.numel() for p in model.parameters())
-        self.write(f"# command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}\n"
+        self.write(f"# command: {shlex.join([os.path.basename(sys.executable)] + sys.argv)}\n"
                    f"# python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__}"
                    f" | tiktoken {tiktoken.__version__}\n# device: {world_size} x {device} ({chip})\n"
                    f"# model: n_layer {c.n_layer} n_head {c.n_head} n_embd {c.n_embd} ({n_params / 1e6:.1f}M params)"

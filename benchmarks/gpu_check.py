@@ -59,7 +59,7 @@ GIB = 2**30
 BPE_FILES = ("6d1cbeee0f20b3d9449abfede4726ed8212e3aee", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")
 BPE_CACHE = ROOT / ".tiktoken_cache"
 BPE_ERROR = ("error: GPT-2's BPE files not found: set TIKTOKEN_CACHE_DIR, or copy them into .tiktoken_cache/ "
-             "(`python benchmarks/gpu_check.py --prepare` where they are; see README)")
+             "(`python benchmarks/gpu_check.py --prepare` where they are; see docs/hardware.md)")
 RAW_FILES = ("report.md", "versions.txt", "pytest.txt", "memory.txt", "stage7.txt", "stage7_log.txt", "speed.txt")
 STEP_LINE = re.compile(r"^step\s+(\d+) \| (.*)$")
 MEM_ROW = re.compile(r"^\| (eager|compile) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$")
@@ -471,7 +471,7 @@ class Check:
         return "\n".join(body) + "\n\n" + cards, figures + card_figures, r.rc == 0 and bool(bs)
 
     def cards_section(self):
-        """The README's -B table, measured: the largest -B per GPU size."""
+        """The -B table of docs/hardware.md, measured: the largest -B per GPU size."""
         rows = self.memory
         ctx = max(CONTEXT_GIB, self.context or 0) if self.device == "cuda" else 0.0
         head = "| GPU memory | " + " | ".join(f"{g} GB" for g in CARDS_GB) + " |"
@@ -506,11 +506,11 @@ class Check:
             b, _ = largest_batch(reserved, self.gib, max(CONTEXT_GIB, self.context or 0), usable=0.97)
             if b:
                 return b, "the largest measured compiled -B <= 64 that fits this GPU"
-        if self.gib:  # README's estimate: 2.5 GB + 0.85 GB per sequence
+        if self.gib:  # the estimate in docs/hardware.md: 2.5 GB + 0.85 GB per sequence
             b = 64
             while b > 1 and 2.5 + 0.85 * b > 0.9 * self.gib * GIB / 1e9:
                 b //= 2
-            return b, "README's estimate (no measured memory)"
+            return b, "the estimate in docs/hardware.md (no measured memory)"
         return 16, "no memory figure (mps)"
 
     def stage7(self, raw, budget):
