@@ -2,8 +2,8 @@
 import pytest
 import sys
 
-from conftest import (ROOT, SCRIPTS, TINY, assert_clean_error, existing, load, main_error, make_examples, parse_steps,
-                      run_script, write_jsonl)
+from conftest import (ROOT, SCRIPTS, TINY, assert_clean_error, existing, load, main_error, make_examples,
+                      parse_steps, run_script, write_jsonl)
 
 TRAIN = existing(SCRIPTS[2:7])  # the tiny-Shakespeare training scripts
 
