@@ -332,7 +332,7 @@ def make_parser():
                         help="autocast dtype (default: bfloat16 where native, else float16 on a GPU, float32 on a CPU)")
     parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None, help="the GPU's peak, for mfu")
     parser.add_argument("--total-batch-size", type=flag_range(1), default=524288, help="tokens per step (4*B*T on CPU)")
-    parser.add_argument("--max-lr", type=flag_range(0, 1, float), default=6e-4)  # GPT-3 125M, table 2.1
+    parser.add_argument("--max-lr", type=flag_range(0, kind=float), default=6e-4)  # GPT-3 125M, table 2.1
     parser.add_argument("--warmup-steps", type=flag_range(0), default=10)
     return parser
 

@@ -498,7 +498,7 @@ def make_parser():
     parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None, help="the GPU's peak, for mfu")
     parser.add_argument("--total-batch-size", type=flag_range(1), default=524288,
                         help="tokens per step (4*B*T*ranks on CPU)")
-    parser.add_argument("--max-lr", type=flag_range(0, 1, float), default=6e-4)  # GPT-3 125M, table 2.1
+    parser.add_argument("--max-lr", type=flag_range(0, kind=float), default=6e-4)  # GPT-3 125M, table 2.1
     parser.add_argument("--warmup-steps", type=flag_range(0), default=715, help="715: GPT-3's 375M tokens (10 on CPU)")
     parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
     parser.add_argument("--eval-every", type=flag_range(1), default=250, help="250 (10 on CPU)")
