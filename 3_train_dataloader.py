@@ -157,10 +157,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, n
 
 def load_tokens(path):
     """GPT-2 BPE token ids of a text file, as a 1-D long tensor (338,025 for tiny Shakespeare)."""
-    if not os.path.isfile(path):
-        sys.exit(f"error: {path} not found; pass --input FILE (tiny Shakespeare: input.txt in this repository)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:  # not there, a folder, unreadable; Latin-1 or binary bytes
+        sys.exit(f"error: {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}; pass --input FILE, UTF-8 text")
     enc = gpt2_tokenizer()
     return torch.tensor(enc.encode(text), dtype=torch.long)
 
@@ -225,19 +226,36 @@ def generate(model, idx, max_length, generator=None, top_k=50):
     return idx
 
 
+def flag_range(lo, hi=math.inf, kind=int):
+    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before any work,
+    with one line naming the flag (see make_parser)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan  # compares false with everything: the error below
+        if not lo <= value <= hi:
+            want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
+        return value
+    return parse
+
+
 def make_parser():
     """The flags; their defaults are the lecture's values."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here (no usage block)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("-B", "--batch-size", type=int, default=4)
-    parser.add_argument("-T", "--seq-len", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--num-return-sequences", type=int, default=5)
-    parser.add_argument("--max-length", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=1337)  # the lecture's training seed
-    parser.add_argument("--n-layer", type=int, default=12)
-    parser.add_argument("--n-head", type=int, default=12)
-    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("-B", "--batch-size", type=flag_range(1), default=4)
+    parser.add_argument("-T", "--seq-len", type=flag_range(1, GPTConfig.block_size), default=32)
+    parser.add_argument("--steps", type=flag_range(1), default=50)
+    parser.add_argument("--num-return-sequences", type=flag_range(1), default=5)
+    parser.add_argument("--max-length", type=flag_range(9, GPTConfig.block_size), default=30,
+                        help="tokens per sample, the 8-token prompt included")
+    parser.add_argument("--seed", type=flag_range(0, 2**64 - 1), default=1337)  # the lecture's training seed
+    parser.add_argument("--n-layer", type=flag_range(1), default=12)
+    parser.add_argument("--n-head", type=flag_range(1), default=12)
+    parser.add_argument("--n-embd", type=flag_range(1), default=768)
     parser.add_argument("--input", default=os.path.join(HERE, "input.txt"))
     return parser
 
@@ -248,14 +266,13 @@ def main(argv=None):
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     device = pick_device(args.device)
     B, T = args.batch_size, args.seq_len
-    if B < 1 or not 1 <= T <= config.block_size or args.n_embd % args.n_head:
-        sys.exit(f"error: need -B >= 1, 1 <= -T <= block size {config.block_size} and --n-embd a multiple of "
-                 f"--n-head (got -B {B} -T {T} --n-embd {args.n_embd} --n-head {args.n_head})")
+    if args.n_embd % args.n_head != 0:  # every head gets n_embd // n_head of the channels
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; pass one that is")
     print(f"using device: {device}")
     torch.manual_seed(args.seed)
     tokens = load_tokens(args.input)
     if len(tokens) < B * T + 1:
-        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}")
+        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}; pass a longer one")
     train_loader = DataLoaderLite(tokens, B, T)
 
     model = GPT(config)
@@ -286,4 +303,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C: \xe9, no error)
     main()

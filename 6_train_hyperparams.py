@@ -190,10 +190,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, n
 
 def load_tokens(path):
     """GPT-2 BPE token ids of a text file, as a 1-D long tensor (338,025 for tiny Shakespeare)."""
-    if not os.path.isfile(path):
-        sys.exit(f"error: {path} not found; pass --input FILE (tiny Shakespeare: input.txt in this repository)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:  # not there, a folder, unreadable; Latin-1 or binary bytes
+        sys.exit(f"error: {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}; pass --input FILE, UTF-8 text")
     enc = gpt2_tokenizer()
     return torch.tensor(enc.encode(text), dtype=torch.long)
 
@@ -294,28 +295,46 @@ def generate(model, idx, max_length, generator=None, top_k=50):
     return idx
 
 
+def flag_range(lo, hi=math.inf, kind=int):
+    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before any work,
+    with one line naming the flag (see make_parser)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan  # compares false with everything: the error below
+        if not lo <= value <= hi:
+            want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
+        return value
+    return parse
+
+
 def make_parser():
     """The flags; their defaults are the lecture's values."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here (no usage block)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("-B", "--batch-size", type=int, default=16, help="16 (4 on CPU)")
-    parser.add_argument("-T", "--seq-len", type=int, default=1024, help="1024 (128 on CPU)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--num-return-sequences", type=int, default=5)
-    parser.add_argument("--max-length", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=1337)  # the lecture's training seed
-    parser.add_argument("--n-layer", type=int, default=12)
-    parser.add_argument("--n-head", type=int, default=12)
-    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("-B", "--batch-size", type=flag_range(1), default=16, help="16 (4 on CPU)")
+    parser.add_argument("-T", "--seq-len", type=flag_range(1, GPTConfig.block_size), default=1024,
+                        help="1024 (128 on CPU)")
+    parser.add_argument("--steps", type=flag_range(1), default=50)
+    parser.add_argument("--num-return-sequences", type=flag_range(1), default=5)
+    parser.add_argument("--max-length", type=flag_range(9, GPTConfig.block_size), default=30,
+                        help="tokens per sample, the 8-token prompt included")
+    parser.add_argument("--seed", type=flag_range(0, 2**64 - 1), default=1337)  # the lecture's training seed
+    parser.add_argument("--n-layer", type=flag_range(1), default=12)
+    parser.add_argument("--n-head", type=flag_range(1), default=12)
+    parser.add_argument("--n-embd", type=flag_range(1), default=768)
     parser.add_argument("--input", default=os.path.join(HERE, "input.txt"))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on for CUDA, off elsewhere)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="autocast dtype (default: bfloat16 where native, else float16 on a GPU, float32 on a CPU)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak, for mfu")
-    parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per step (4*B*T on CPU)")
-    parser.add_argument("--max-lr", type=float, default=6e-4)  # GPT-3 125M, table 2.1
-    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None, help="the GPU's peak, for mfu")
+    parser.add_argument("--total-batch-size", type=flag_range(1), default=524288, help="tokens per step (4*B*T on CPU)")
+    parser.add_argument("--max-lr", type=flag_range(0, kind=float), default=6e-4)  # GPT-3 125M, table 2.1
+    parser.add_argument("--warmup-steps", type=flag_range(0), default=10)
     return parser
 
 
@@ -330,9 +349,8 @@ def main(argv=None):
         parser.set_defaults(batch_size=4, seq_len=128, total_batch_size=None)
         args = parser.parse_args(argv)
     B, T = args.batch_size, args.seq_len
-    if B < 1 or not 1 <= T <= config.block_size or args.n_embd % args.n_head:
-        sys.exit(f"error: need -B >= 1, 1 <= -T <= block size {config.block_size} and --n-embd a multiple of "
-                 f"--n-head (got -B {B} -T {T} --n-embd {args.n_embd} --n-head {args.n_head})")
+    if args.n_embd % args.n_head != 0:  # every head gets n_embd // n_head of the channels
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; pass one that is")
     total_batch_size = 4 * B * T if args.total_batch_size is None else args.total_batch_size  # CPU: 4 micro-steps
     if total_batch_size < 1 or total_batch_size % (B * T) != 0:
         sys.exit(f"error: --total-batch-size {total_batch_size} is not a positive multiple of "
@@ -343,7 +361,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     tokens = load_tokens(args.input)
     if len(tokens) < B * T + 1:
-        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}")
+        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}; pass a longer one")
     train_loader = DataLoaderLite(tokens, B, T)
 
     # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
@@ -426,4 +444,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C: \xe9, no error)
     main()

@@ -461,36 +461,56 @@ def load_hellaswag(args, device, print0):
     return hella
 
 
+def flag_range(lo, hi=math.inf, kind=int):
+    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before any work,
+    with one line naming the flag (see make_parser)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan  # compares false with everything: the error below
+        if not lo <= value <= hi:
+            want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
+        return value
+    return parse
+
+
 def make_parser():
     """The flags; their defaults are the lecture's values."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=RESUME_MAY_CHANGE)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here (no usage block)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("-B", "--batch-size", type=int, default=64, help="64 (4 on CPU)")
-    parser.add_argument("-T", "--seq-len", type=int, default=1024, help="1024 (128 on CPU)")
-    parser.add_argument("--steps", type=int, default=19073, help="19073: 10B tokens / 524288 (50 on CPU)")
-    parser.add_argument("--num-return-sequences", type=int, default=5)
-    parser.add_argument("--max-length", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=1337)  # the lecture's training seed
-    parser.add_argument("--n-layer", type=int, default=12)
-    parser.add_argument("--n-head", type=int, default=12)
-    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("-B", "--batch-size", type=flag_range(1), default=64, help="64 (4 on CPU)")
+    parser.add_argument("-T", "--seq-len", type=flag_range(1, GPTConfig.block_size), default=1024,
+                        help="1024 (128 on CPU)")
+    parser.add_argument("--steps", type=flag_range(1), default=19073, help="19073: 10B tokens / 524288 (50 on CPU)")
+    parser.add_argument("--num-return-sequences", type=flag_range(1), default=5)
+    parser.add_argument("--max-length", type=flag_range(9, GPTConfig.block_size), default=30,
+                        help="tokens per sample, the 8-token prompt included")
+    parser.add_argument("--seed", type=flag_range(0, 2**64 - 1), default=1337)  # the lecture's training seed
+    parser.add_argument("--n-layer", type=flag_range(1), default=12)
+    parser.add_argument("--n-head", type=flag_range(1), default=12)
+    parser.add_argument("--n-embd", type=flag_range(1), default=768)
     parser.add_argument("--data-dir", default=os.path.join(HERE, "edu_fineweb10B"))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on for CUDA, off elsewhere)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="autocast dtype (default: bfloat16 where native, else float16 on a GPU, float32 on a CPU)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak, for mfu")
-    parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per step (4*B*T*ranks on CPU)")
-    parser.add_argument("--max-lr", type=float, default=6e-4)  # GPT-3 125M, table 2.1
-    parser.add_argument("--warmup-steps", type=int, default=715, help="715: GPT-3's 375M tokens (10 on CPU)")
+    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None, help="the GPU's peak, for mfu")
+    parser.add_argument("--total-batch-size", type=flag_range(1), default=524288,
+                        help="tokens per step (4*B*T*ranks on CPU)")
+    parser.add_argument("--max-lr", type=flag_range(0, kind=float), default=6e-4)  # GPT-3 125M, table 2.1
+    parser.add_argument("--warmup-steps", type=flag_range(0), default=715, help="715: GPT-3's 375M tokens (10 on CPU)")
     parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
-    parser.add_argument("--eval-every", type=int, default=250, help="250 (10 on CPU)")
-    parser.add_argument("--val-tokens", type=int, default=10485760, help="val loss tokens, the same on any number of "
-                        "GPUs: the lecture's 20 x 64 x 1024 x 8 (2560 on CPU)")
+    parser.add_argument("--eval-every", type=flag_range(1), default=250, help="250 (10 on CPU)")
+    parser.add_argument("--val-tokens", type=flag_range(1), default=10485760, help="val loss tokens, the same on any "
+                        "number of GPUs: the lecture's 20 x 64 x 1024 x 8 (2560 on CPU)")
     parser.add_argument("--hellaswag-file", default=None, help="a local HellaSwag val .jsonl/.parquet (default: hub)")
-    parser.add_argument("--hellaswag-limit", type=int, default=0, help="examples per eval (0 = all; 40 on CPU)")
-    parser.add_argument("--checkpoint-every", type=int, default=5000)
+    parser.add_argument("--hellaswag-limit", type=flag_range(0), default=0,
+                        help="examples per eval (0 = all; 40 on CPU)")
+    parser.add_argument("--checkpoint-every", type=flag_range(1), default=5000)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --log-dir")
     return parser
 
@@ -510,9 +530,8 @@ def main(argv=None):
                             eval_every=10, val_tokens=2560, hellaswag_limit=40)
         args = parser.parse_args(argv)
     B, T = args.batch_size, args.seq_len
-    if B < 1 or not 1 <= T <= config.block_size or args.n_embd % args.n_head:
-        sys.exit(f"error: need -B >= 1, 1 <= -T <= block size {config.block_size} and --n-embd a multiple of "
-                 f"--n-head (got -B {B} -T {T} --n-embd {args.n_embd} --n-head {args.n_head})")
+    if args.n_embd % args.n_head != 0:  # every head gets n_embd // n_head of the channels
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; pass one that is")
     total_batch_size = 4 * B * T * ddp_world_size if args.total_batch_size is None else args.total_batch_size  # CPU
     if total_batch_size < 1 or total_batch_size % (B * T * ddp_world_size) != 0:
         sys.exit(f"error: --total-batch-size {total_batch_size} is not a positive multiple of "
@@ -520,8 +539,6 @@ def main(argv=None):
     grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
     print0(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps of B*T = {B * T:,}"
            f" on each of {ddp_world_size} ranks")
-    if min(args.eval_every, args.val_tokens, args.checkpoint_every) < 1:
-        sys.exit("error: --eval-every, --val-tokens and --checkpoint-every must be >= 1")
     print0(f"using device: {device}" + (f" | DDP: {ddp_world_size} ranks, {dist.get_backend()}" if ddp else ""))
     torch.manual_seed(args.seed)
     try:
@@ -648,4 +665,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C: \xe9, no error)
     main()

@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import zipfile
 
 import tiktoken
 import torch
@@ -55,8 +56,9 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:  # weights_only: plain types and tensors, so loading runs no pickled code; mmap: the
-        # optimizer's state (twice the model's size) is never read from disk
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # optimizer's state (twice the model's size) is never read from disk. torch's legacy format
+        # (_use_new_zipfile_serialization=False, which stage 7 resumes from too) is not a zip and cannot be mapped
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # UnpicklingError (not a torch file), RuntimeError (a truncated one), ...
         raise CheckpointError(f"{path} is not a checkpoint torch.load can read ({type(e).__name__})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):

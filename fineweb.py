@@ -9,7 +9,9 @@ Same documents and shard size give the very bytes the lecture's fineweb.py write
 Beyond the lecture's script:
   - the Pool lives under `if __name__ == "__main__"`: where workers are spawned (macOS,
     Windows) each one imports this file, and a Pool made at import time crashes them
-  - --data-files tokenises local json/jsonl/parquet/txt files instead (offline, tests)
+  - --data-files tokenises local json/jsonl/parquet/txt files instead (offline, tests); they are
+    read whole once before anything is written, so that a file that is not UTF-8, a line that is
+    not JSON or a record without text is one line naming it, not a run that stops halfway
   - a shard is written to a temporary file and renamed, so a shard on disk is complete, and
     fineweb_manifest.json records where each shard ended in the documents: an interrupted
     run, started again, goes on after its last complete shard with the same bytes; a full
@@ -94,23 +96,41 @@ def tokenized(texts, workers, stop):
 
 
 def file_texts(path, text_field):
-    """The documents of one local file: a whole .txt, or the `text_field` of each record."""
+    """The documents of one local file: a whole .txt, or the `text_field` of each record. A file
+    that is not UTF-8 (Latin-1, binary) or not JSON raises InputError naming it (and the line)."""
+    fix = "convert or fix it, or leave it out of --data-files"
     if path.suffix == ".txt":
-        yield path.read_bytes().decode("utf-8")  # as is: read_text() would turn \r\n into \n
+        try:
+            text = path.read_bytes().decode("utf-8")  # as is: read_text() would turn \r\n into \n
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 text (byte {e.start:,}); {fix}") from None
+        yield text
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq  # comes with `datasets`
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except ValueError as e:  # pyarrow's ArrowInvalid
+            raise InputError(f"{path}: not a parquet file ({str(e).splitlines()[0]}); {fix}") from None
         if text_field not in pf.schema_arrow.names:
             raise InputError(f"{path}: no column {text_field!r}")
         for batch in pf.iter_batches(columns=[text_field]):  # a batch at a time, not the whole file
             yield from batch.column(0).to_pylist()
     else:  # .json / .jsonl: one record per line, or (.json) one array of records
-        with open(path, encoding="utf-8") as f:
-            is_array = f.read(100).lstrip().startswith("[")
+        with open(path, "rb") as f:  # bytes, decoded line by line: an error names its line
+            is_array = f.read(100).lstrip().startswith(b"[")
             f.seek(0)
-            records = json.load(f) if is_array else (json.loads(line) for line in f if line.strip())
-            for record in records:
-                yield record.get(text_field) if isinstance(record, dict) else None
+            for line, raw in enumerate([f.read()] if is_array else f, 1):
+                try:
+                    text = raw.decode("utf-8")
+                    records = json.loads(text) if is_array else [json.loads(text)] if text.strip() else []
+                except UnicodeDecodeError as e:
+                    line += raw[:e.start].count(b"\n")  # (a .json array is one `raw` of many lines)
+                    raise InputError(f"{path}, line {line}: not UTF-8 text; {fix}") from None
+                except ValueError as e:  # json.JSONDecodeError; in a .json array, its lineno is the line
+                    line = e.lineno if is_array else line
+                    raise InputError(f"{path}, line {line}: not JSON ({e.msg}); {fix}") from None
+                for record in records:
+                    yield record.get(text_field) if isinstance(record, dict) else None
 
 
 def local_texts(paths, text_field):
@@ -159,7 +179,13 @@ def load_manifest(out_dir, config, overwrite):
     if overwrite:
         return fresh
     if path.exists():
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:  # not UTF-8, not JSON: not a manifest this script wrote
+            raise InputError(f"{path} is not a manifest fineweb.py can read; pass another --out-dir, "
+                             "or --overwrite to start again") from None
+        if not manifest.get("shards") and not any(out_dir.glob("edufineweb_*.npy")):
+            return fresh  # an earlier run that wrote no shard (it failed, or was stopped): nothing to keep
         if {k: manifest.get(k) for k in config} != config:
             raise InputError(f"{out_dir} holds shards of another --shard-size or source; "
                              "pass another --out-dir, or --overwrite to start again")
@@ -267,9 +293,13 @@ def download(args, out_dir):
 
 
 def run(args):
-    if args.shard_size < 1 or args.workers < 1:
-        raise InputError("--shard-size and --workers must be at least 1")
+    for flag, value, least in (("--shard-size", args.shard_size, 1), ("--workers", args.workers, 1),
+                               ("--max-shards", args.max_shards, 0)):  # 0: nothing to do
+        if value is not None and value < least:
+            raise InputError(f"{flag} {value} is out of range; pass an integer {least} or more")
     out_dir = Path(args.out_dir).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dir {out_dir} is a file, not a folder; pass a folder (it is made if missing)")
     if args.download:
         if args.data_files or args.streaming or args.shard_size != 10**8:
             raise InputError("--download fetches the hub's 100M-token shards: it takes no "
@@ -282,6 +312,15 @@ def run(args):
                 raise InputError(f"no such file: {p}")
             if p.suffix not in EXTENSIONS:
                 raise InputError(f"{p}: unsupported file type (use {' '.join(EXTENSIONS)})")
+            if p == out_dir / MANIFEST:
+                raise InputError(f"{p} is the manifest this run writes in --out-dir; pass another --out-dir")
+        # read them whole once before anything is written: a file that is not UTF-8, a line that is not
+        # JSON, a record without text stops the run here, not after the shards before it
+        n_docs = n_chars = 0
+        for text in local_texts(paths, args.text_field):
+            n_docs, n_chars = n_docs + 1, n_chars + len(text)
+        if not n_chars:  # (an empty document is one, <|endoftext|>, as in the lecture's shards, but none at all)
+            raise InputError(f"the --data-files hold no text ({n_docs} document(s), all empty); pass files with text")
         # sizes too: a file edited since the interrupted run must not be resumed into
         source = {"data_files": [[str(p), p.stat().st_size] for p in paths]}
     else:
@@ -356,6 +395,9 @@ def run(args):
     manifest["done"] = True
     save_manifest()
     print(f"{len(shards)} shards, {sum(s['tokens'] for s in shards):,} tokens in {out_dir}")
+    if len(shards) == 1:  # said, not silent: stage 7 would refuse this folder
+        print(f"note: only the val shard ({shards[0]['tokens']:,} tokens): 7_train_ddp_fineweb.py needs a "
+              "train shard too; pass more text or a smaller --shard-size (and --overwrite)")
 
 
 def main(argv=None):

@@ -290,6 +290,23 @@ def damaged_weights(name):
     return ", ".join(bad) or f"a .safetensors file in {name}"
 
 
+def device_problem(name):
+    """Why `name` is no device of this machine (one phrase), or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # "Expected one of cpu, cuda, ... device type at start of device string: tpu"
+        return "not a device name (cpu, cuda, cuda:1, mps)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU here"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "no Apple GPU (mps) here"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"{device.type} is not supported here (cpu, cuda, mps)"
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-m", "--model", default="gpt2",
@@ -307,11 +324,18 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
     parser.add_argument("--log-every", type=int, default=500, help="progress line every N examples")
     args = parser.parse_args(argv)
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                               ("--log-every", args.log_every, 0)):
+        if value is not None and value < least:
+            sys.exit(f"error: {flag} {value} is out of range; pass an integer {least} or more")
 
     device = args.device
     if device == "auto":
         device = ("cuda" if torch.cuda.is_available()
                   else "mps" if torch.backends.mps.is_available() else "cpu")
+    problem = device_problem(device)
+    if problem:
+        sys.exit(f"error: -d {device}: {problem}; pass -d auto or cpu")
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32, as the lecture's figures were made
 

@@ -13,9 +13,11 @@ A step written twice (a run resumed from a checkpoint older than its last logged
 once: the later line wins, as the resumed run's values are the ones the checkpoints continue.
 """
 import argparse
+import math
 import os
 import re
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the lecture's baselines (its notebook, build-nanogpt play.ipynb): the val loss of OpenAI's GPT-2
@@ -30,6 +32,7 @@ GPT2_SIZE = {(12, 768): "124M", (24, 1024): "350M", (36, 1280): "774M", (48, 160
 # written by 7_train_ddp_fineweb.py's log_header
 MODEL_LINE = re.compile(r"^# model: n_layer (\d+) n_head \d+ n_embd (\d+) .*\| total batch size (\d+) tokens")
 KINDS = ("train", "val", "hella")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG file
 
 
 class LogError(ValueError):
@@ -40,11 +43,15 @@ def read_log(path):
     """(streams, model, skipped): streams {"train"|"val"|"hella": {step: value}}, a later line for
     a step replacing an earlier one; model (n_layer, n_embd, total_batch_size) from the last
     `# model:` header line (a resumed run writes its own), or None; skipped counts the lines that
-    do not parse (a line cut off by a crash, say)."""
+    do not parse, and a last line without its newline: cut off by a crash, or still being written
+    ("12 train 1.0" of "12 train 1.0345" would parse, as a wrong value)."""
     streams, model, skipped = {kind: {} for kind in KINDS}, None, 0
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
+                if not line.endswith("\n"):  # the last line, cut off
+                    skipped += bool(line.strip())
+                    continue
                 if line.startswith("#"):
                     if m := MODEL_LINE.match(line):
                         model = tuple(int(g) for g in m.groups())
@@ -62,6 +69,25 @@ def read_log(path):
     if not any(streams.values()):
         raise LogError(f"{path} has no `STEP train|val|hella VALUE` lines to plot")
     return streams, model, skipped
+
+
+def output_problem(log, out):
+    """Why writing the PNG to `out` would destroy something, in one line, or None: the log itself
+    (`-o LOG`, a log named *.png, a link to it), a folder, or a file that is not a PNG."""
+    if os.path.realpath(out) == os.path.realpath(log) or (
+            os.path.exists(out) and os.path.exists(log) and os.path.samefile(out, log)):
+        return f"{out} is the log itself: the PNG would replace it; pass -o OTHER.png"
+    if os.path.isdir(out):
+        return f"{out} is a folder; pass -o FILE.png"
+    if os.path.exists(out):
+        try:
+            with open(out, "rb") as f:
+                if f.read(len(PNG_MAGIC)) == PNG_MAGIC:
+                    return None  # an earlier plot: replaced
+        except OSError as e:
+            return f"could not read {out} ({e.strerror}); pass -o another file"
+        return f"{out} exists and is not a PNG, so not a plot to replace; pass -o another file, or move it away"
+    return None
 
 
 def series(stream):
@@ -160,11 +186,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.smooth is not None and args.smooth < 1:
         sys.exit(f"error: --smooth {args.smooth}: the window is at least 1 step")
+    if args.ymax is not None and not 0 < args.ymax < math.inf:  # nan too
+        sys.exit(f"error: --ymax {args.ymax}: the loss axis is logarithmic; pass a positive number")
+    out = args.out or os.path.splitext(args.log)[0] + ".png"
+    problem = output_problem(args.log, out)
+    if problem:
+        sys.exit(f"error: {problem}")
     try:
         streams, model, skipped = read_log(args.log)
     except LogError as e:
         sys.exit(f"error: {e}")
-    out = args.out or os.path.splitext(args.log)[0] + ".png"
 
     if args.size:
         size = None if args.size == "none" else args.size
@@ -177,7 +208,7 @@ def main(argv=None):
         print("the log does not record the model size: baselines for 124M (see --size)")
     tokens_per_step = model[2] if model else None
     if skipped:
-        print(f"skipped {skipped} line(s) that are not `STEP train|val|hella VALUE`")
+        print(f"skipped {skipped} line(s) that are not whole `STEP train|val|hella VALUE` lines")
     for kind, name, pick in (("train", "train loss", min), ("val", "val loss", min),
                              ("hella", "HellaSwag acc_norm", max)):
         if streams[kind]:
@@ -185,14 +216,20 @@ def main(argv=None):
             print(f"{'min' if pick is min else 'max'} {name} {streams[kind][step]:.4f} at step {step}")
 
     fig, _ = make_figure(streams, size, tokens_per_step, args.smooth, args.ymax, title=args.log)
-    tmp = out + ".tmp"
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
+    tmp = None
+    try:  # a new temporary name: `OUT.tmp` could be an existing file, even the log
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp",
+                                   dir=os.path.dirname(os.path.abspath(out)))
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); a plot is for sharing
         os.replace(tmp, out)  # a reader (an image viewer refreshing) never sees half a PNG
     except OSError as e:
         sys.exit(f"error: could not write {out} ({e})")
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
     print(f"wrote {out}")
 

@@ -65,6 +65,17 @@ def assert_clean_error(proc, *needles):
     assert "error" in last and all(n in last for n in needles), proc.stderr
 
 
+def main_error(module, argv):
+    """Call main(argv) of a script (a module or its name) in this process; it must stop with one
+    `error: ...` line (sys.exit's message). Returns that line."""
+    module = load(module) if isinstance(module, str) else module
+    with pytest.raises(SystemExit) as e:
+        module.main([str(a) for a in argv])
+    message = e.value.code
+    assert isinstance(message, str) and "error: " in message and "\n" not in message, message
+    return message
+
+
 def main_steps(module, argv):
     """Call a stage's main(argv) in this process; return (its stdout, its parsed step lines)."""
     import io

@@ -1,6 +1,9 @@
 """Every script runs end to end as a program; bad input gets one clear line, no traceback."""
 import pytest
-from conftest import SCRIPTS, TINY, assert_clean_error, existing, make_examples, parse_steps, run_script, write_jsonl
+import sys
+
+from conftest import (ROOT, SCRIPTS, TINY, assert_clean_error, existing, load, main_error, make_examples,
+                      parse_steps, run_script, write_jsonl)
 
 TRAIN = existing(SCRIPTS[2:7])  # the tiny-Shakespeare training scripts
 
@@ -38,16 +41,62 @@ def test_hub_name_offline_is_one_line():
     assert_clean_error(proc, "gpt2", "local save_pretrained directory")
 
 
+# a value out of range for each flag that has a range; each is refused at parse_args, before any work
+BAD_FLAGS = [("--n-layer", "-1"), ("--n-layer", "0"), ("--n-head", "0"), ("--n-embd", "0"), ("--seed", "-1"),
+             ("--num-return-sequences", "0"), ("--num-return-sequences", "-1"), ("--max-length", "8"),
+             ("--max-length", "1025"), ("-B", "0"), ("-T", "0"), ("-T", "2048"), ("--steps", "0"), ("--steps", "-3"),
+             ("--steps", "2.5"), ("--peak-tflops", "-1"), ("--total-batch-size", "0"), ("--max-lr", "-0.1"),
+             ("--max-lr", "nan"), ("--warmup-steps", "-1"), ("--eval-every", "0"), ("--hellaswag-limit", "-1"),
+             ("--checkpoint-every", "0")]
+# otherwise a quick run, so that a missing check shows as a run that goes on, not a long wait
+QUICK = {"--n-layer": "2", "--n-head": "2", "--n-embd": "32", "--device": "cpu", "--steps": "1", "-B": "1", "-T": "8",
+         "--num-return-sequences": "1", "--max-length": "9", "--total-batch-size": "8", "--eval-every": "1000"}
+
+
+@pytest.mark.parametrize("name", existing(SCRIPTS))
+def test_flag_out_of_range_is_one_line_before_any_work(name, tmp_path):
+    module = load(name)
+    flags = module.make_parser()._option_string_actions
+    quick = [a for flag, value in QUICK.items() if flag in flags for a in (flag, value)]
+    if "--log-dir" in flags:  # stage 7: nothing written, not even the log dir
+        quick += ["--log-dir", tmp_path / "log", "--data-dir", tmp_path / "shards"]
+    checked = 0
+    for flag, value in BAD_FLAGS:
+        if flag in flags:
+            message = main_error(module, quick + [flag, value])
+            assert message.startswith(f"error: argument {flag}") and f"got {value}; pass " in message, message
+            checked += 1
+    assert checked >= 3 and not any(tmp_path.iterdir())
+    if "--n-layer" in flags:  # the heads split n_embd evenly
+        message = main_error(module, quick + ["--n-embd", "30", "--n-head", "4"])
+        assert "--n-embd 30 is not a multiple of --n-head 4" in message
+
+
 @pytest.mark.parametrize("name", TRAIN)
-def test_missing_input(name, tmp_path):
-    proc = run_script(name, *TINY, "--input", tmp_path / "nope.txt")
-    assert_clean_error(proc, "nope.txt", "not found")
+def test_input_file_unreadable_not_utf8_or_short(name, tmp_path):
+    """--input that is missing, a folder, Latin-1 or empty: one line naming the file."""
+    latin1, empty = tmp_path / "latin1.txt", tmp_path / "empty.txt"
+    latin1.write_bytes("Caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    empty.write_text("")
+    for path, needle in ((tmp_path / "nope.txt", "No such file"), (tmp_path, "Is a directory"),
+                         (latin1, "not UTF-8 text"), (empty, "has 0 tokens")):
+        message = main_error(name, TINY + ["--device", "cpu", "--input", path])
+        assert f"{path}" in message and needle in message, message
 
 
-@pytest.mark.parametrize("name", existing(SCRIPTS[2:]))
-def test_seq_len_beyond_block_size(name):
-    proc = run_script(name, *TINY, "-T", "2048", "--device", "cpu")
-    assert_clean_error(proc, "block size 1024")
+def test_samples_print_on_any_locale():
+    """LC_ALL=C without UTF-8 mode: stdout is ascii. A sample with characters beyond it prints them
+    escaped (caf\\xe9) instead of ending the run with a UnicodeEncodeError. Every numbered script sets
+    this up the same way; stage 0 is run, with tiktoken's decode forced to return non-ASCII text."""
+    code = ("import runpy, sys, tiktoken; tiktoken.Encoding.decode = lambda self, ids, **k: 'caf\\u00e9 \\u2713'; "
+            f"sys.argv = ['0_gpt2_model.py', *{TINY!r}, '--num-return-sequences', '1', '--max-length', '9']; "
+            "runpy.run_path('0_gpt2_model.py', run_name='__main__')")
+    proc = run_script("0_gpt2_model", cmd=["env", "-u", "PYTHONIOENCODING", sys.executable, "-c", code],
+                      env={"LC_ALL": "C", "PYTHONUTF8": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert "> caf\\xe9 \\u2713" in proc.stdout, proc.stdout
+    line = 'sys.stdout.reconfigure(errors="backslashreplace")'
+    assert all(line in (ROOT / f"{name}.py").read_text(encoding="utf-8") for name in existing(SCRIPTS))
 
 
 @pytest.mark.parametrize("name", existing(SCRIPTS[1:]))

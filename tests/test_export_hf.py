@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, STAGE7, assert_clean_error, load, run_script
+from conftest import ROOT, STAGE7, assert_clean_error, load, main_error, run_script
 
 import export_hf
 
@@ -103,6 +103,35 @@ def test_bad_input_is_one_line_and_writes_nothing(kind, checkpoint, tmp_path):
     assert sorted(os.listdir(tmp_path)) == before  # no OUT_DIR, no temporary folder
     if kind == "out-dir-not-empty":
         assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_out_dir_is_or_holds_the_checkpoint(checkpoint, tmp_path):
+    """OUT_DIR is the checkpoint file itself, or the log dir that holds it: one line before any work, the
+    checkpoint untouched."""
+    log = tmp_path / "log"
+    log.mkdir()
+    path = log / "model_00004.pt"
+    path.write_bytes(checkpoint[0].read_bytes())
+    for out in (path, log):
+        message = main_error(export_hf, [path, out])
+        assert f"{out} exists and is not an empty folder" in message
+    assert os.listdir(tmp_path) == ["log"] and os.listdir(log) == ["model_00004.pt"]
+    assert path.read_bytes() == checkpoint[0].read_bytes()
+
+
+def test_legacy_format_checkpoint_loads(checkpoint, tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) writes torch's legacy (non-zip) format, which
+    stage 7's --resume reads; export_hf.py and `hellaswag.py -m` (gpt_from_checkpoint) read it too, although
+    it cannot be memory-mapped."""
+    import hellaswag
+    legacy = tmp_path / "model_00004.pt"
+    torch.save(torch.load(checkpoint[0], weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = checkpoint[1](idx)[0]
+        assert torch.equal(export_hf.gpt_from_checkpoint(legacy)(idx)[0], want)
+        model_fn, block_size = hellaswag.load_model(str(legacy), "cpu")
+        assert torch.equal(model_fn(idx), want[..., :50257]) and block_size == 1024
 
 
 def test_failure_midway_leaves_nothing(checkpoint, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run7, run_script
+from conftest import ROOT, main_error, run7, run_script
 
 import fineweb
 
@@ -285,6 +285,73 @@ def test_bad_input_is_one_clear_line(tmp_path, docs, case):
     assert {"missing-file": "nope.jsonl", "extension": "c.csv",
             "no-text-field": "record 1 has no string field 'text'"}[case] in line
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+BAD_FILES = {  # file name -> (its bytes, what the one line says)
+    "latin1.txt": ("Caf\u00e9 cr\u00e8me".encode("latin-1"), "latin1.txt: not UTF-8 text"),
+    "binary.jsonl": (b"\x00\x9c\xff\xfe PK\x03\x04", "binary.jsonl, line 1: not UTF-8 text"),
+    "latin1.jsonl": ('{"text": "a"}\n\n{"text": "caf\u00e9"}\n'.encode("latin-1"), "latin1.jsonl, line 3: not UTF-8"),
+    "broken.jsonl": (b'{"text": "a"}\n{"text": "b"\n{"text": "c"}\n', "broken.jsonl, line 2: not JSON"),
+    "broken.json": (b'[{"text": "a"},\n {"text": }]', "broken.json, line 2: not JSON"),
+    "empty.txt": (b"", "hold no text (1 document(s), all empty)"),
+    "blank.jsonl": (b'{"text": ""}\n', "hold no text (1 document(s), all empty)"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_FILES, "--shard-size 0", "--workers 0", "--max-shards -2",
+                                  "out-dir-is-a-file", "data-file-is-the-manifest"])
+def test_bad_file_or_flag_is_one_line_before_anything_is_written(tmp_path, docs, case):
+    """A good file first, large enough for shards of its own: a file that is not UTF-8 or not JSON, an
+    empty one, a flag out of range, an --out-dir that would take the place of an input: one line naming
+    the file (and line) before anything is written, so the fixed rerun starts clean."""
+    good, out = write_jsonl(tmp_path / "good.jsonl", docs), tmp_path / "out"
+    argv = ["--shard-size", 1000, "--out-dir", out, "--workers", 1, "--data-files", good]
+    if case in BAD_FILES:
+        content, needle = BAD_FILES[case]
+        (tmp_path / case).write_bytes(content)
+        argv = argv[:-1] if case.startswith(("empty", "blank")) else argv  # refused when no file has text
+        argv.append(tmp_path / case)
+    elif case.startswith("--"):
+        flag, value = case.split()
+        argv, needle = argv + [flag, value], f"{case} is out of range"
+    elif case == "out-dir-is-a-file":
+        out.write_text("mine")
+        needle = "is a file, not a folder"
+    else:
+        out.mkdir()
+        (out / fineweb.MANIFEST).write_text('{"text": "mine"}\n')
+        argv, needle = argv + [out / fineweb.MANIFEST], "is the manifest this run writes"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    message = main_error(fineweb, argv)
+    assert needle in message, message
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not out.exists() or case in ("out-dir-is-a-file", "data-file-is-the-manifest")
+
+
+def test_rerun_after_a_run_that_wrote_no_shard(tmp_path, docs, monkeypatch):
+    """A first run stopped before its first shard (Ctrl-C) leaves a manifest of no shards; the rerun, with
+    the input fixed (another size), starts afresh instead of refusing "shards of another source"."""
+    data, out = write_jsonl(tmp_path / "c.jsonl", docs[:40]), tmp_path / "out"
+
+    def interrupted(text):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m, pytest.raises(SystemExit, match="interrupted"):
+        m.setattr(fineweb, "tokenize", interrupted)
+        fw("--data-files", data, "--shard-size", 1000, "--out-dir", out)
+    assert json.loads((out / fineweb.MANIFEST).read_text())["shards"] == []
+    write_jsonl(data, docs)  # the fixed input
+    fw("--data-files", data, "--shard-size", 1000, "--out-dir", out)
+    fw("--data-files", data, "--shard-size", 1000, "--out-dir", tmp_path / "fresh")
+    assert shard_bytes(out) == shard_bytes(tmp_path / "fresh") and len(shard_files(out)) > 2
+
+
+def test_only_a_val_shard_is_said(tmp_path, capsys):
+    """Input that fills no train shard: the val shard is written, and a note says stage 7 needs more."""
+    data = tmp_path / "one.txt"
+    data.write_text("A short document.")
+    fw("--data-files", data, "--out-dir", tmp_path / "out")
+    assert len(shard_files(tmp_path / "out")) == 1
+    assert "note: only the val shard (5 tokens)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["download", "streaming"])

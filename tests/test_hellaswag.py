@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 import hellaswag
-from conftest import (RUN7, STAGE7, assert_clean_error, load, main_steps, make_examples, run_script,
+from conftest import (RUN7, STAGE7, assert_clean_error, load, main_error, main_steps, make_examples, run_script,
                       write_hub_format, write_jsonl, write_shards)
 
 RESULT = re.compile(r"^acc (\d\.\d{4}) acc_norm (\d\.\d{4}) over (\d+) examples$", re.M)
@@ -248,6 +248,20 @@ def test_bad_data_file_is_one_line(content, needle, tmp_path):
         hellaswag.main(["-m", "unused", "--data-file", str(path)])
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and needle in message and len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--batch-size", "0"], "--batch-size 0 is out of range"), (["--limit", "-1"], "--limit -1 is out of range"),
+    (["--limit", "0"], "--limit 0 is out of range"), (["--log-every", "-5"], "--log-every -5 is out of range"),
+    (["-d", "tpu"], "-d tpu: not a device name"), (["-d", "cuda:7"], "-d cuda:7: "), (["-d", "xpu"], "-d xpu: ")])
+def test_bad_flag_is_one_line_before_any_work(argv, needle, examples, tmp_path):
+    """Checked before the examples or the model are read (-m names no model here, so a check that
+    came later would end in another error)."""
+    if argv[0] == "-d" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    data = write_jsonl(tmp_path / "val.jsonl", examples[:2])
+    message = main_error(hellaswag, ["-m", tmp_path / "nope.pt", "--data-file", data] + argv)
+    assert needle in message, message
 
 
 def test_not_parquet(tmp_path):

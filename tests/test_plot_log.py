@@ -1,9 +1,10 @@
 """plot_log.py: stage 7's log.txt -> a PNG of the losses and HellaSwag, with the lecture's baselines."""
+import os
 import re
 import struct
 
 import pytest
-from conftest import assert_clean_error, run_script
+from conftest import assert_clean_error, main_error, run_script
 
 import plot_log
 
@@ -100,3 +101,48 @@ def test_nothing_to_plot_is_one_line(content, tmp_path):
     assert_clean_error(proc, str(log))
     assert not (tmp_path / "log.png").exists()
     assert re.fullmatch(r"error: .*\n", proc.stderr)  # one line
+
+
+LOG = "# command: python 7_train_ddp_fineweb.py\n0 train 10.900000\n0 val 11.0000\n1 train 9.500000\n"
+
+
+@pytest.mark.parametrize("case", ["-o log", "log.png", "symlink", "hardlink", "not a png", "folder", "ymax"])
+def test_no_output_replaces_an_input(case, tmp_path):
+    """The PNG never replaces the log (the run's only record) or any file that is not an earlier plot:
+    one line, exit 1, every file as it was, nothing new written."""
+    log = tmp_path / ("log.png" if case == "log.png" else "log.txt")
+    log.write_text(LOG)
+    argv, needle = [log, "-o", log], "is the log itself"
+    if case == "log.png":
+        argv = [log]  # the default output, beside the log with .png, is the log
+    elif case in ("symlink", "hardlink"):
+        link = tmp_path / "plot.png"
+        link.symlink_to(log) if case == "symlink" else os.link(log, link)
+        argv[2] = link
+    elif case == "not a png":
+        (tmp_path / "notes.png").write_text("my notes")
+        argv[2], needle = tmp_path / "notes.png", "exists and is not a PNG"
+    elif case == "folder":
+        (tmp_path / "plots").mkdir()
+        argv[2], needle = tmp_path / "plots", "is a folder"
+    elif case == "ymax":
+        argv, needle = [log, "--ymax", "0"], "--ymax 0.0"
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    message = main_error(plot_log, argv)
+    assert needle in message, message
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_cut_off_last_line_is_not_a_value(tmp_path, capsys):
+    """`2 train 1.0` is what is on disk of `2 train 1.0345` while it is being written (or after a crash):
+    it parses, so only its missing newline tells it is not whole. It is skipped, with one note; an
+    earlier PNG at the output is replaced."""
+    log = tmp_path / "log.txt"
+    log.write_text(LOG + "2 train 1.0")
+    streams, _, skipped = plot_log.read_log(log)
+    assert streams["train"] == {0: 10.9, 1: 9.5} and skipped == 1
+    out = tmp_path / "log.png"
+    out.write_bytes(b"\x89PNG\r\n\x1a\n" + b"an earlier plot")
+    plot_log.main([str(log)])
+    assert capsys.readouterr().out.count("skipped 1 line") == 1
+    assert png_size(out) == (800, 600) and sorted(p.name for p in tmp_path.iterdir()) == ["log.png", "log.txt"]
