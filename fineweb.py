@@ -22,7 +22,7 @@ Beyond the lecture's script:
     then the uint16 tokens). One at a time, each .bin comes through huggingface_hub (so
     HF_ENDPOINT mirrors work), its header is checked, it is written as the same kind of .npy
     and deleted; a rerun skips the complete shards. Whether its tokens are this script's, byte
-    for byte, is not verified here: README says what is known and how to check
+    for byte, is not verified here: docs/data.md says what is known and how to check
 
 Run:
     python fineweb.py                     # download (tens of GB) + ~100 shards, ~10B tokens
