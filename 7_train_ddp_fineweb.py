@@ -392,19 +392,20 @@ def all_reduce_mean(t):
 
 @torch.no_grad()
 def val_loss(model, tokens, B, T, val_tokens, device, autocast):
-    """The mean loss over the val shard's first val_tokens tokens, as (B, T) batches; batch i is rank i % W's,
-    so 1, 2 or 8 ranks compute the same figure (the lecture's 20 batches per rank made it depend on the count)."""
+    """The mean loss over the val shard's first val_tokens tokens: rows of T, in batches of up to B rows, batch i
+    on rank i % W, so any -B and 1, 2 or 8 ranks give the same figure (the lecture's 20 batches per rank did not)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n = max(1, min(val_tokens, len(tokens) - 1) // (B * T))  # whole batches, at most what the shard holds
+    rows = max(1, min(val_tokens, len(tokens) - 1) // T)  # whole rows, at most what the shard holds
     loss_sum = torch.zeros((), device=device)
     model.eval()
-    for i in range(rank, n, world):
-        buf = torch.from_numpy(tokens[i * B * T:(i + 1) * B * T + 1].astype(np.int64)).to(device)
+    for start in range(rank * B, rows, world * B):
+        b = min(B, rows - start)  # the last batch may be short
+        buf = torch.from_numpy(tokens[start * T:(start + b) * T + 1].astype(np.int64)).to(device)
         with autocast:
-            _, loss = model(buf[:-1].view(B, T), buf[1:].view(B, T))
-        loss_sum += loss.detach()
+            _, loss = model(buf[:-1].view(b, T), buf[1:].view(b, T))
+        loss_sum += loss.detach() * b
     model.train()
-    return all_reduce_mean(loss_sum).item() * world / n  # the mean over all n batches
+    return all_reduce_mean(loss_sum).item() * world / rows  # the mean over all rows
 
 
 def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast):
@@ -583,7 +584,7 @@ def main(argv=None):
     # multiplies the loss, so every gradient, by a large factor and divides it out before the update
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     run = run_record(args, total_batch_size, T)  # what decides this run's trajectory, stored in each checkpoint
-    lock, ckpt_path, peers = open_log_dir(args.log_dir, args.resume, stop, print0)  # locked; None: a fresh run
+    lock, ckpt_path, peers = open_log_dir(args.log_dir, args.resume, stop, print0)  # ckpt_path None: a fresh run
     # --resume: the state after ckpt["step"] steps, if it is this very run (a fresh run: no ckpt_path, step 0)
     ckpt, error = load_checkpoint(ckpt_path, device, config, run, train_loader.sizes)
     stop_all_on(error, stop, lock)
@@ -593,15 +594,16 @@ def main(argv=None):
     log = Log(os.path.join(args.log_dir, "log.txt") if master_process else None)  # rank 0 writes it
     log.header(device, ddp_world_size, raw_model, total_batch_size, B, T, resumed_at=start_step if ckpt_path else None)
     autocast = torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
-    losses, error, group_alive, saved = [], None, True, ckpt_path  # saved: the newest checkpoint on disk
-    stop.training = True  # a signal now finishes the step, which is saved
+    losses, error, group_alive, stopping, saved = [], None, True, 0, ckpt_path  # saved: newest checkpoint on disk
+    stop.training = True  # a signal now finishes a step, which is saved
     try:  # out of memory anywhere in a step, a rank lost, a damaged shard: one line, see below
         for step in range(start_step, args.steps):
             last_step = step == args.steps - 1
+            stopping = 0 if last_step else stop.agreed(device)  # a signal: every rank stops after this step
             entries = []
-            if step % args.eval_every == 0 or last_step:  # evaluation is not part of the step time
+            if (step % args.eval_every == 0 or last_step) and not stopping:  # evaluation is not part of step time
                 val, entries = evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast)
-            if master_process and ((step > 0 and step % args.eval_every == 0) or last_step):
+            if master_process and ((step > 0 and step % args.eval_every == 0) or last_step) and not stopping:
                 for i, text in enumerate(sample(raw_model, args.num_return_sequences, args.max_length, args.seed)):
                     print(f"sample {i}: {text}")  # what does it say so far?
             t0 = time.time()
@@ -624,7 +626,7 @@ def main(argv=None):
             # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item(),
-                                     f"; or, if it was a one-off fault, {resume_hint(saved)}")
+                                     f" in a new --log-dir; or, if it was a one-off fault, {resume_hint(saved)}")
             if error:
                 break  # every rank sees the same all-reduced loss and norm: all stop here
             lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
@@ -641,7 +643,6 @@ def main(argv=None):
             if peak:
                 line += f" | mfu {100 * flops_step / dt / (peak * 1e12 * ddp_world_size):.2f}"
             print0(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
-            stopping = all_reduce_mean(torch.tensor(float(stop.signum), device=device)).item() > 0  # all ranks stop
             if master_process:
                 log.write("".join(f"{entry}\n" for entry in entries + [f"{step} train {losses[-1]:.6f}"]))
                 if (step + 1) % args.checkpoint_every == 0 or last_step or stopping:  # the state after step + 1 steps
@@ -658,9 +659,11 @@ def main(argv=None):
         error, group_alive = lost_rank(e, step, peers, saved), False
     except ShardError as e:
         error = f"error: step {step}: {e}; re-create it with fineweb.py, then {resume_hint(saved)}"
+    if error:
+        log.note(error)  # rank 0: the log is the run's record
     close_run(stop, lock, group_alive)
-    if error or stop.signum:  # rank 0's error line; or 128 + the signal's number, as a shell reports a stopped process
-        sys.exit((error if master_process else 1) if error else 128 + stop.signum)
+    if error or stopping:  # the error (rank 0's, or this rank's own); else 128 + the signal, as a shell reports it
+        sys.exit((error if master_process or not group_alive else 1) if error else 128 + stopping)
     return losses
 
 

@@ -46,8 +46,8 @@ def checkpoint_state(model, optimizer, scaler, loader, step, val_loss, run):
 
 def save_checkpoint(log_dir, state, saved, last):
     """Write model_{step:05d}.pt. A failed write (a full disk) is one line and training goes on, the earlier
-    checkpoints kept, unless it was the run's last (the end, or a signal): then the error line, naming the newest
-    checkpoint on disk, ends the run. Returns (the newest checkpoint on disk, that error line or None)."""
+    checkpoints kept; if it was the run's last (the end, or a signal), the line, naming the newest checkpoint on
+    disk, is returned for the caller to end the run with. Returns (the newest checkpoint on disk, that line or None)."""
     path = os.path.join(log_dir, f"model_{state['step']:05d}.pt")
     failed = write_atomically(path, state)
     if not failed:
@@ -156,16 +156,28 @@ def restore(ckpt, path, model, optimizer, scaler, loader, steps):
         print(f"--resume: {len(added)} train shard(s) added since the run started ({added[0]}, ...) are not used; "
               f"it goes on with its {len(ckpt['loader']['shards'])}")  # fineweb.py still writing, say
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())  # map_location moved it to the device
+    unrecorded = [flag for key, flag in TRAJECTORY_FLAGS.items() if key not in (ckpt.get("run") or {})]
+    if unrecorded and master:  # written by an older version of stage 7
+        print(f"note: {path} does not record {' '.join(unrecorded)}; pass the values it was trained with")
     if master:
         print(f"resuming from {path} after step {ckpt['step'] - 1}")
     return ckpt["step"], ckpt["val_loss"]
 
 
+def command_line(resume):
+    """This run's command, shell-quoted (a --log-dir with a space stays one argument), with --resume if asked. Under
+    torchrun on several machines, the line to run on each of them, with the rendezvous flags left to the reader."""
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    launcher = "python"
+    if "RANK" in os.environ:  # torchrun: sys.argv[0] is the script's path, as for python
+        launcher = (f"torchrun --standalone --nproc_per_node={local}" if local == world else
+                    f"on each machine: torchrun --nnodes={world // local} --nproc_per_node={local} (+ rdzv flags)")
+    argv = sys.argv + (["--resume"] if resume and "--resume" not in sys.argv else [])
+    return launcher + " " + shlex.join(argv)
+
+
 def resume_hint(saved):
     """What a line that ends the run suggests: the command that continues from the newest checkpoint on disk, or,
     before the first one, the same command (--resume in a log dir without checkpoints starts afresh)."""
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
-    argv = sys.argv + ([] if "--resume" in sys.argv else ["--resume"])
-    command = launcher + " " + shlex.join(argv)  # quoted: a --log-dir with a space stays one argument
+    command = command_line(resume=True)
     return f"continue from {saved} with: {command}" if saved else f"nothing is saved yet; start again with: {command}"

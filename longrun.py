@@ -7,7 +7,6 @@ is used by stage 7 alone and tested through it (tests/test_ddp.py, tests/test_lo
 """
 import os
 import platform
-import shlex
 import signal
 import sys
 
@@ -16,7 +15,7 @@ import tiktoken
 import torch
 import torch.distributed as dist
 
-from checkpoints import checkpoints_in, pick_checkpoint, resume_hint
+from checkpoints import checkpoints_in, command_line, pick_checkpoint, resume_hint
 
 try:
     import fcntl  # POSIX: flock
@@ -118,12 +117,21 @@ class StopSignals:
             if int(os.environ.get("RANK", 0)) == 0:
                 print(f"stopped by {signal.Signals(signum).name} during set-up; nothing was trained or saved",
                       file=sys.stderr)
+            self.restore()
             raise SystemExit(128 + signum)  # unwinds main(): the lock, if taken, is released with the process
         self.signum = self.signum or signum
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
         if signum == getattr(signal, "SIGHUP", None) and sys.stdout.isatty():  # the terminal is gone: print nowhere
             sys.stdout = sys.stderr = open(os.devnull, "w")
+
+    def agreed(self, device):
+        """The signal any rank got (0: none), the same on every rank, so that all stop after the same step."""
+        if not dist.is_initialized():
+            return self.signum
+        signum = torch.tensor(self.signum, device=device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return int(signum.item())
 
     def restore(self):
         for s, handler in self.handlers.items():
@@ -190,7 +198,8 @@ def lock_file(f):
     """Lock the open file f for this process, or raise BlockingIOError if another process holds it."""
     if fcntl:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    else:
+    else:  # Windows locks bytes at the file position: one fixed byte far past the text, which stays readable
+        f.seek(1 << 20)
         try:
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
         except PermissionError as e:
@@ -272,7 +281,7 @@ class Log:
         """The run's # lines: command, versions, device, model size and batch (plot_log.py reads the last)."""
         chip = torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine()
         c, n_params = model.config, sum(p.numel() for p in model.parameters())
-        self.write(f"# command: {shlex.join([os.path.basename(sys.executable)] + sys.argv)}\n"
+        self.write(f"# command: {command_line(resume=False)}\n"
                    f"# python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__}"
                    f" | tiktoken {tiktoken.__version__}\n# device: {world_size} x {device} ({chip})\n"
                    f"# model: n_layer {c.n_layer} n_head {c.n_head} n_embd {c.n_embd} ({n_params / 1e6:.1f}M params)"

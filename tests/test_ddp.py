@@ -77,12 +77,13 @@ def test_shuffle_per_epoch(shards):
 
 
 def test_ddp_two_processes_equal_one(shards, tmp_path):
-    """2 ranks x 2 micro-steps give the losses and gradient norms of 1 process x 4 micro-steps, and the same val
-    loss: the val set is --val-tokens dealt across the ranks (3 batches here: rank 0 takes 2, rank 1 takes 1)."""
-    val = ["--val-tokens", "192"]
+    """2 ranks x 4 micro-steps of -B 1 give the losses and gradient norms of 1 process x 4 micro-steps of -B 2,
+    and the same val loss: the val set is --val-tokens (5 rows of T here) dealt across the ranks in batches of up
+    to B rows (rank 0 takes rows 0, 2, 4; with -B 2 one process takes 2 + 2 + 1)."""
+    val = ["--val-tokens", "160"]
     one_proc, one = run7("--data-dir", shards, "--log-dir", tmp_path / "one", "--steps", "4", *val)
-    proc, two = run7("--data-dir", shards, "--log-dir", tmp_path / "two", "--steps", "4", *val, nproc=2)
-    assert "2 micro-steps of B*T = 64 on each of 2 ranks" in proc.stdout
+    proc, two = run7("--data-dir", shards, "--log-dir", tmp_path / "two", "--steps", "4", *val, "-B", "1", nproc=2)
+    assert "4 micro-steps of B*T = 32 on each of 2 ranks" in proc.stdout
     vals = [[float(line.split()[-1]) for line in p.stdout.splitlines() if line.startswith("validation loss:")]
             for p in (one_proc, proc)]
     assert len(vals[0]) == 2 and vals[0] == pytest.approx(vals[1], abs=2e-4)  # printed to 4 decimals

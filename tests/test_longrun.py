@@ -358,6 +358,7 @@ def test_a_run_whose_last_checkpoint_cannot_be_written_fails_and_says_so(shards_
                        f"continue from {log / 'model_00002.pt'} with: ")
     assert proc.returncode == 1 and [r["step"] for r in parse_steps(proc.stdout)] == [0, 1, 2]
     assert "enforce fail" not in proc.stderr  # torch's own words for a full disk
+    assert (log / "log.txt").read_text().splitlines()[-1] == "# " + proc.stderr.strip().splitlines()[-1]  # logged
     assert sorted(p.name for p in log.iterdir()) == ["log.txt", "model_00002.pt"]  # no .tmp, no lock left
 
 
