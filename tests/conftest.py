@@ -48,6 +48,16 @@ def load(name):
     return importlib.import_module(name)
 
 
+def load_fresh(name):
+    """A new copy of a numbered script, its imports run again now (a test that changes what torch has
+    sees how the script copes); load(name)'s cached module is left as it was."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_fresh", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script(name, *args, env=None, timeout=600, cmd=None):
     """Run `python NAME.py ARGS` (or `cmd + ARGS`) from the repo root; return the CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

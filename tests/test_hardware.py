@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SCRIPTS, TINY, existing, load, main_steps, parse_steps, write_shards
+from conftest import ROOT, SCRIPTS, TINY, existing, load, load_fresh, main_steps, parse_steps, write_shards
 from test_ddp import NAME, RUN, run7
 
 FAST = existing(SCRIPTS[5:])  # stages 5-7 have --dtype
@@ -76,6 +76,42 @@ def test_default_dtype_is_bf16_only_where_the_cpu_computes_it(name, tmp_path, mo
         assert ("autocast bf16 |" if native else "autocast off (float32) |") in run()
     assert "autocast bf16 |" in run("--dtype", "bfloat16")  # asked for: emulated or not
     assert "autocast fp16 + grad scaler |" in run("--dtype", "float16")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_a_torch_without_the_private_cpu_checks_trains_in_float32(name, tmp_path, monkeypatch):
+    """torch.cpu._is_avx512_bf16_supported and _is_amx_tile_supported are private (torch 2.4 lacks the first):
+    a missing one counts as "not native", so a CPU run trains in float32 and its settings line says so."""
+    m = load(name)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert m.native_bf16("cpu")  # the check this torch has still counts
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert not m.native_bf16("cpu")
+    args = CPU + stage_args(name, tmp_path) + ["--steps", "2"]
+    out, rows = main_steps(m, args)
+    assert "autocast off (float32) |" in out and len(rows) == 2
+
+
+class SettingsPrinted(Exception):
+    """Raised where the model would be built: the test has seen the settings line."""
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_a_torch_without_has_triton_runs_eager_on_a_gpu(name, tmp_path, monkeypatch, capsys):
+    """torch.utils._triton.has_triton is private: where torch lacks it the script still imports, and on a GPU
+    (torch.cuda made to say it has one; the run stops where the model would be built) it runs eager and says so."""
+    monkeypatch.setitem(sys.modules, "torch.utils._triton", None)  # its import raises ImportError
+    m = load_fresh(name)
+    assert m.has_triton() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(m, "native_bf16", lambda device_type: False)  # (asks the GPU that is not there)
+    monkeypatch.setattr(m, "GPT", lambda config: (_ for _ in ()).throw(SettingsPrinted()))
+    with pytest.raises(SettingsPrinted):  # no --no-compile: on a GPU compile is on by default
+        m.main([str(a) for a in TINY + ["--device", "cuda", "-B", "2", "-T", "32"] + stage_args(name, tmp_path)])
+    out = capsys.readouterr().out
+    assert "not compiling: torch.compile needs Triton here; running eager" in out
+    assert "settings: cuda | B 2 T 32 | autocast fp16 + grad scaler | compile off" in out
 
 
 @pytest.mark.parametrize("name", FAST)
