@@ -77,12 +77,18 @@ def assert_clean_error(proc, *needles):
 
 def main_steps(module, argv):
     """Call a stage's main(argv) in this process; return (its stdout, its parsed step lines)."""
+    out, rows, _ = main_losses(module, argv)
+    return out, rows
+
+
+def main_losses(module, argv):
+    """main_steps, and what main returns too: each step's loss at full precision (step lines print 6 decimals)."""
     import io
     from contextlib import redirect_stdout
     out = io.StringIO()
     with redirect_stdout(out):
-        module.main([str(a) for a in argv])
-    return out.getvalue(), parse_steps(out.getvalue())
+        losses = module.main([str(a) for a in argv])
+    return out.getvalue(), parse_steps(out.getvalue()), losses
 
 
 def make_hf_model(n_layer=2, n_head=2, n_embd=32, n_positions=64, seed=0):

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SCRIPTS, TINY, existing, load, load_fresh, main_steps, parse_steps, write_shards
+from conftest import (ROOT, SCRIPTS, TINY, existing, load, load_fresh, main_losses, main_steps, parse_steps,
+                      write_shards)
 from test_ddp import NAME, RUN, run7
 
 FAST = existing(SCRIPTS[5:])  # stages 5-7 have --dtype
@@ -29,17 +30,20 @@ def stage_args(name, tmp_path):
 
 @pytest.mark.parametrize("name", FAST)
 def test_float16_with_grad_scaler_tracks_float32(name, tmp_path):
-    """A dozen steps of float16 autocast + GradScaler stay within 0.05 of float32's losses."""
+    """A dozen steps of float16 autocast + GradScaler stay within 0.05 of float32's losses, and are not
+    float32's: the losses main returns (full precision) differ at some step. Printed to 6 decimals they can
+    agree at a step (torch 2.6: step 0 to the last digit); the gap is a few float32 ulps on this tiny model."""
     m, args = load(name), CPU + stage_args(name, tmp_path) + ["--steps", "12"]
-    out, fp16 = main_steps(m, args + ["--dtype", "float16"] + (["--log-dir", tmp_path / "log16"] if name == NAME else []))
+    out, rows, fp16 = main_losses(m, args + ["--dtype", "float16"] +
+                                  (["--log-dir", tmp_path / "log16"] if name == NAME else []))
     assert "autocast fp16 + grad scaler" in out
-    _, fp32 = main_steps(m, args + ["--dtype", "float32"])
-    assert len(fp16) == len(fp32) == 12 and not any("skipped" in r for r in fp16)
-    assert fp16[0]["loss"] != fp32[0]["loss"]  # float16 really is on
+    _, _, fp32 = main_losses(m, args + ["--dtype", "float32"])
+    assert len(fp16) == len(fp32) == len(rows) == 12 and not any("skipped" in r for r in rows)
+    assert any(a != b for a, b in zip(fp16, fp32)), "float16 is not on: its losses are float32's to the bit"
     for a, b in zip(fp16, fp32):
-        assert a["loss"] == pytest.approx(b["loss"], abs=0.05)
+        assert a == pytest.approx(b, abs=0.05)
     if name != NAME:  # stage 7's shards here are random tokens: nothing to learn
-        assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.1  # it trains
+        assert fp16[-1] < fp16[0] - 0.1  # it trains
 
 
 @pytest.mark.parametrize("name", existing(SCRIPTS[5:7]))
