@@ -1,12 +1,18 @@
 """The hardware learners own, on CPU: float16 + GradScaler (T4, V100, RTX 20xx), the autocast
 dtype chosen from what torch reports (MPS, pre-Ampere GPUs), the out-of-memory line, and
 torchrun's multi-node launch (two "nodes" on loopback)."""
+import contextlib
 import functools
 import math
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
 
 import pytest
 import torch
@@ -190,24 +196,83 @@ def test_out_of_memory_gives_one_line_with_the_batch_to_try(name, where, tmp_pat
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below the kernel's ephemeral range: no socket the OS numbers itself (an outgoing
+    connection, gloo's listeners, another test's bind to port 0) can take it between this check and the
+    rendezvous's bind a few seconds later, as one could on a machine busy with other test runs."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):  # no /proc (macOS: 49152 and up)
+        low = 32768
+    rng = random.Random()  # not seeded: another test session on the machine draws other ports
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 10000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            return port
+    pytest.fail(f"no free TCP port in {max(1024, low - 10000)}-{low - 1} on 127.0.0.1 after 200 tries")
 
 
-def two_nodes(cwds, *args):
+NODES_TIMEOUT = 300  # s for the two nodes together; ~30 s alone on a busy 2-core machine
+
+
+def two_nodes(cwds, *args, timeout=NODES_TIMEOUT, join_timeout=None):
     """Stage 7 on two torchrun "nodes" (one process each) meeting at a c10d rendezvous on
-    loopback, each started in its own folder: [(returncode, stdout + stderr)] per node."""
-    port = free_port()
-    procs = []
+    loopback, each started in its own folder: [(returncode, stdout + stderr)] per node.
+    Each node writes to a file, not a pipe: a pipe nobody reads while the other node runs fills up
+    (64 KiB) and stops its writer mid-run, and the other rank then waits for it in a collective.
+    The wait is bounded: after `timeout` s both process groups are killed and the test fails
+    saying what it waited for, with what each node printed."""
+    # a run id of its own: no other session's nodes can join this rendezvous
+    port, run_id, procs, outs = free_port(), f"gpt2-test-{uuid.uuid4().hex[:12]}", [], []
     for cwd in cwds:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-               "--rdzv-id=gpt2-test", str(ROOT / f"{NAME}.py"), *RUN, *[str(a) for a in args]]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=dict(os.environ, PYTHONUNBUFFERED="1")))
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
+               f"--rdzv-conf=join_timeout={join_timeout or timeout // 2}",  # a node that never comes: said
+               "--max-restarts=0", str(ROOT / f"{NAME}.py"), *RUN, *[str(a) for a in args]]
+        outs.append(tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace"))
+        procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=outs[-1], stderr=subprocess.STDOUT, text=True,
+                                      env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True))
+    deadline, late = time.monotonic() + timeout, []
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            late.append(p)
+    for p in late:  # torchrun and its worker: the whole process group, politely first
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in late:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    texts = []
+    for f in outs:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    if late:
+        said = "".join(f"\n--- node {i} ({cwd}), {'still running' if p in late else f'exit {p.returncode}'}:\n"
+                       f"{text[-3000:]}" for i, (cwd, p, text) in enumerate(zip(cwds, procs, texts)))
+        pytest.fail(f"two torchrun nodes (rendezvous 127.0.0.1:{port}, id {run_id}) were waited for {timeout} s "
+                    f"to finish and {len(late)} had not; killed. What they printed:{said}")
+    return [(p.returncode, text) for p, text in zip(procs, texts)]
+
+
+def test_a_node_that_never_finishes_is_killed_and_named(tmp_path):
+    """two_nodes cannot hang: one "node" alone waits for its partner (its own join timeout far off); after
+    the test's timeout its process group is killed and the failure says what was waited for."""
+    t0 = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as e:
+        two_nodes([tmp_path], "--steps", "1", timeout=8, join_timeout=600)
+    message = str(e.value)
+    assert "were waited for 8 s to finish and 1 had not; killed" in message and "node 0" in message
+    assert "still running" in message and time.monotonic() - t0 < 8 + 15 + 10  # SIGTERM, maybe SIGKILL
 
 
 def test_two_nodes_train_exactly_as_one_process(tmp_path):
