@@ -217,8 +217,8 @@ def load_tokens(path, check_ids=False):
     holds a whole 100M-token shard in memory (as int64 that would be 800 MB per rank)."""
     try:
         tokens = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as e:  # empty, cut short, or not an .npy file at all
-        raise ShardError(f"{path} is not a shard fineweb.py wrote ({str(e).split('.')[0]})") from None
+    except (OSError, ValueError, EOFError) as e:  # empty, cut short, not .npy (numpy 1.x adds " when allow_pickle...")
+        raise ShardError(f"{path} is not a shard fineweb.py wrote ({str(e).split('.')[0].split(' when')[0]})") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise ShardError(f"{path} holds {tokens.dtype} {tokens.shape}, not the 1-D uint16 tokens fineweb.py writes")
     if check_ids and len(tokens) and tokens.max() >= 50257:  # one pass over the shard, each time it is opened
