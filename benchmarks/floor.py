@@ -107,7 +107,8 @@ def main(argv=None):
             log.flush()
             proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         summary = out_path.read_text(encoding="utf-8").rstrip().splitlines()[-1].strip("= ")
-        line = (f"floor ({', '.join(f'{n} {v}' for n, v in pins)}): pytest {summary}; "
+        line = (f"floor ({', '.join(f'{n} {v}' for n, v in pins)}): pytest "
+                f"{' '.join(args.pytest_args) + ': ' if args.pytest_args else ''}{summary}; "
                 f"`pip install -r requirements.txt` over torch {torch_pin.split('==')[1]} "
                 f"{'keeps it' if keeps_torch else 'REPLACES it'}; {time.time() - t0:.0f} s; raw output: "
                 f"{out_path.relative_to(ROOT) if out_path.is_relative_to(ROOT) else out_path}")
