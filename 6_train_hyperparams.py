@@ -27,7 +27,8 @@ import tiktoken
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.utils._triton import has_triton
+try: from torch.utils._triton import has_triton  # private to torch: a torch without it has "no Triton"
+except ImportError: has_triton = lambda: False  # so a GPU runs eager, and says so
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -232,12 +233,12 @@ PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, 
 
 
 def native_bf16(device_type):
-    """Does this chip compute bf16 itself? Where it only emulates it, bf16 is slower than float32."""
+    """Does this chip compute bf16 itself? (Emulated bf16 is slower than float32.) A torch that cannot tell: no."""
     if device_type == "cuda":  # Ampere (compute capability 8.0) and later; a T4 or V100 emulates it
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "mps":  # Apple GPUs, from macOS 14
         return torch.backends.mps.is_macos_or_newer(14, 0)
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # e.g. Zen 4, Xeon 4th gen
+    return any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("avx512_bf16", "amx_tile"))  # e.g. Zen 4
 
 
 def get_lr(step, max_lr, warmup_steps, max_steps):

@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.utils._triton import has_triton
+try: from torch.utils._triton import has_triton  # private to torch: a torch without it has "no Triton"
+except ImportError: has_triton = lambda: False  # so a GPU runs eager, and says so
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hellaswag import HellaSwagError, evaluate, iterate_examples
@@ -220,8 +221,8 @@ def load_tokens(path, check_ids=False):
     holds a whole 100M-token shard in memory (as int64 that would be 800 MB per rank)."""
     try:
         tokens = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as e:  # empty, cut short, or not an .npy file at all
-        raise ShardError(f"{path} is not a shard fineweb.py wrote ({str(e).split('.')[0]})") from None
+    except (OSError, ValueError, EOFError) as e:  # empty, cut short, not .npy (numpy 1.x adds " when allow_pickle...")
+        raise ShardError(f"{path} is not a shard fineweb.py wrote ({str(e).split('.')[0].split(' when')[0]})") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise ShardError(f"{path} holds {tokens.dtype} {tokens.shape}, not the 1-D uint16 tokens fineweb.py writes")
     if check_ids and len(tokens) and tokens.max() >= 50257:  # one pass over the shard, each time it is opened
@@ -300,12 +301,12 @@ PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, 
 
 
 def native_bf16(device_type):
-    """Does this chip compute bf16 itself? Where it only emulates it, bf16 is slower than float32."""
+    """Does this chip compute bf16 itself? (Emulated bf16 is slower than float32.) A torch that cannot tell: no."""
     if device_type == "cuda":  # Ampere (compute capability 8.0) and later; a T4 or V100 emulates it
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "mps":  # Apple GPUs, from macOS 14
         return torch.backends.mps.is_macos_or_newer(14, 0)
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # e.g. Zen 4, Xeon 4th gen
+    return any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("avx512_bf16", "amx_tile"))  # e.g. Zen 4
 
 
 def get_lr(step, max_lr, warmup_steps, max_steps):

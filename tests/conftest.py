@@ -48,6 +48,16 @@ def load(name):
     return importlib.import_module(name)
 
 
+def load_fresh(name):
+    """A new copy of a numbered script, its imports run again now (a test that changes what torch has
+    sees how the script copes); load(name)'s cached module is left as it was."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_fresh", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script(name, *args, env=None, timeout=600, cmd=None):
     """Run `python NAME.py ARGS` (or `cmd + ARGS`) from the repo root; return the CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
@@ -78,12 +88,18 @@ def main_error(module, argv):
 
 def main_steps(module, argv):
     """Call a stage's main(argv) in this process; return (its stdout, its parsed step lines)."""
+    out, rows, _ = main_losses(module, argv)
+    return out, rows
+
+
+def main_losses(module, argv):
+    """main_steps, and what main returns too: each step's loss at full precision (step lines print 6 decimals)."""
     import io
     from contextlib import redirect_stdout
     out = io.StringIO()
     with redirect_stdout(out):
-        module.main([str(a) for a in argv])
-    return out.getvalue(), parse_steps(out.getvalue())
+        losses = module.main([str(a) for a in argv])
+    return out.getvalue(), parse_steps(out.getvalue()), losses
 
 
 def make_hf_model(n_layer=2, n_head=2, n_embd=32, n_positions=64, seed=0):

@@ -1,16 +1,23 @@
 """The hardware learners own, on CPU: float16 + GradScaler (T4, V100, RTX 20xx), the autocast
 dtype chosen from what torch reports (MPS, pre-Ampere GPUs), the out-of-memory line, and
 torchrun's multi-node launch (two "nodes" on loopback)."""
+import contextlib
 import functools
 import math
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
 
 import pytest
 import torch
-from conftest import ROOT, SCRIPTS, TINY, existing, load, main_steps, parse_steps, write_shards
+from conftest import (ROOT, SCRIPTS, TINY, existing, load, load_fresh, main_losses, main_steps, parse_steps,
+                      write_shards)
 from test_ddp import NAME, RUN, run7
 
 FAST = existing(SCRIPTS[5:])  # stages 5-7 have --dtype
@@ -29,17 +36,20 @@ def stage_args(name, tmp_path):
 
 @pytest.mark.parametrize("name", FAST)
 def test_float16_with_grad_scaler_tracks_float32(name, tmp_path):
-    """A dozen steps of float16 autocast + GradScaler stay within 0.05 of float32's losses."""
+    """A dozen steps of float16 autocast + GradScaler stay within 0.05 of float32's losses, and are not
+    float32's: the losses main returns (full precision) differ at some step. Printed to 6 decimals they can
+    agree at a step (torch 2.6: step 0 to the last digit); the gap is a few float32 ulps on this tiny model."""
     m, args = load(name), CPU + stage_args(name, tmp_path) + ["--steps", "12"]
-    out, fp16 = main_steps(m, args + ["--dtype", "float16"] + (["--log-dir", tmp_path / "log16"] if name == NAME else []))
+    out, rows, fp16 = main_losses(m, args + ["--dtype", "float16"] +
+                                  (["--log-dir", tmp_path / "log16"] if name == NAME else []))
     assert "autocast fp16 + grad scaler" in out
-    _, fp32 = main_steps(m, args + ["--dtype", "float32"])
-    assert len(fp16) == len(fp32) == 12 and not any("skipped" in r for r in fp16)
-    assert fp16[0]["loss"] != fp32[0]["loss"]  # float16 really is on
+    _, _, fp32 = main_losses(m, args + ["--dtype", "float32"])
+    assert len(fp16) == len(fp32) == len(rows) == 12 and not any("skipped" in r for r in rows)
+    assert any(a != b for a, b in zip(fp16, fp32)), "float16 is not on: its losses are float32's to the bit"
     for a, b in zip(fp16, fp32):
-        assert a["loss"] == pytest.approx(b["loss"], abs=0.05)
+        assert a == pytest.approx(b, abs=0.05)
     if name != NAME:  # stage 7's shards here are random tokens: nothing to learn
-        assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.1  # it trains
+        assert fp16[-1] < fp16[0] - 0.1  # it trains
 
 
 @pytest.mark.parametrize("name", existing(SCRIPTS[5:7]))
@@ -76,6 +86,42 @@ def test_default_dtype_is_bf16_only_where_the_cpu_computes_it(name, tmp_path, mo
         assert ("autocast bf16 |" if native else "autocast off (float32) |") in run()
     assert "autocast bf16 |" in run("--dtype", "bfloat16")  # asked for: emulated or not
     assert "autocast fp16 + grad scaler |" in run("--dtype", "float16")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_a_torch_without_the_private_cpu_checks_trains_in_float32(name, tmp_path, monkeypatch):
+    """torch.cpu._is_avx512_bf16_supported and _is_amx_tile_supported are private (torch 2.4 lacks the first):
+    a missing one counts as "not native", so a CPU run trains in float32 and its settings line says so."""
+    m = load(name)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert m.native_bf16("cpu")  # the check this torch has still counts
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert not m.native_bf16("cpu")
+    args = CPU + stage_args(name, tmp_path) + ["--steps", "2"]
+    out, rows = main_steps(m, args)
+    assert "autocast off (float32) |" in out and len(rows) == 2
+
+
+class SettingsPrinted(Exception):
+    """Raised where the model would be built: the test has seen the settings line."""
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_a_torch_without_has_triton_runs_eager_on_a_gpu(name, tmp_path, monkeypatch, capsys):
+    """torch.utils._triton.has_triton is private: where torch lacks it the script still imports, and on a GPU
+    (torch.cuda made to say it has one; the run stops where the model would be built) it runs eager and says so."""
+    monkeypatch.setitem(sys.modules, "torch.utils._triton", None)  # its import raises ImportError
+    m = load_fresh(name)
+    assert m.has_triton() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(m, "native_bf16", lambda device_type: False)  # (asks the GPU that is not there)
+    monkeypatch.setattr(m, "GPT", lambda config: (_ for _ in ()).throw(SettingsPrinted()))
+    with pytest.raises(SettingsPrinted):  # no --no-compile: on a GPU compile is on by default
+        m.main([str(a) for a in TINY + ["--device", "cuda", "-B", "2", "-T", "32"] + stage_args(name, tmp_path)])
+    out = capsys.readouterr().out
+    assert "not compiling: torch.compile needs Triton here; running eager" in out
+    assert "settings: cuda | B 2 T 32 | autocast fp16 + grad scaler | compile off" in out
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -150,24 +196,83 @@ def test_out_of_memory_gives_one_line_with_the_batch_to_try(name, where, tmp_pat
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below the kernel's ephemeral range: no socket the OS numbers itself (an outgoing
+    connection, gloo's listeners, another test's bind to port 0) can take it between this check and the
+    rendezvous's bind a few seconds later, as one could on a machine busy with other test runs."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):  # no /proc (macOS: 49152 and up)
+        low = 32768
+    rng = random.Random()  # not seeded: another test session on the machine draws other ports
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 10000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            return port
+    pytest.fail(f"no free TCP port in {max(1024, low - 10000)}-{low - 1} on 127.0.0.1 after 200 tries")
 
 
-def two_nodes(cwds, *args):
+NODES_TIMEOUT = 300  # s for the two nodes together; ~30 s alone on a busy 2-core machine
+
+
+def two_nodes(cwds, *args, timeout=NODES_TIMEOUT, join_timeout=None):
     """Stage 7 on two torchrun "nodes" (one process each) meeting at a c10d rendezvous on
-    loopback, each started in its own folder: [(returncode, stdout + stderr)] per node."""
-    port = free_port()
-    procs = []
+    loopback, each started in its own folder: [(returncode, stdout + stderr)] per node.
+    Each node writes to a file, not a pipe: a pipe nobody reads while the other node runs fills up
+    (64 KiB) and stops its writer mid-run, and the other rank then waits for it in a collective.
+    The wait is bounded: after `timeout` s both process groups are killed and the test fails
+    saying what it waited for, with what each node printed."""
+    # a run id of its own: no other session's nodes can join this rendezvous
+    port, run_id, procs, outs = free_port(), f"gpt2-test-{uuid.uuid4().hex[:12]}", [], []
     for cwd in cwds:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-               "--rdzv-id=gpt2-test", str(ROOT / f"{NAME}.py"), *RUN, *[str(a) for a in args]]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=dict(os.environ, PYTHONUNBUFFERED="1")))
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
+               f"--rdzv-conf=join_timeout={join_timeout or timeout // 2}",  # a node that never comes: said
+               "--max-restarts=0", str(ROOT / f"{NAME}.py"), *RUN, *[str(a) for a in args]]
+        outs.append(tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace"))
+        procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=outs[-1], stderr=subprocess.STDOUT, text=True,
+                                      env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True))
+    deadline, late = time.monotonic() + timeout, []
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            late.append(p)
+    for p in late:  # torchrun and its worker: the whole process group, politely first
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in late:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    texts = []
+    for f in outs:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    if late:
+        said = "".join(f"\n--- node {i} ({cwd}), {'still running' if p in late else f'exit {p.returncode}'}:\n"
+                       f"{text[-3000:]}" for i, (cwd, p, text) in enumerate(zip(cwds, procs, texts)))
+        pytest.fail(f"two torchrun nodes (rendezvous 127.0.0.1:{port}, id {run_id}) were waited for {timeout} s "
+                    f"to finish and {len(late)} had not; killed. What they printed:{said}")
+    return [(p.returncode, text) for p, text in zip(procs, texts)]
+
+
+def test_a_node_that_never_finishes_is_killed_and_named(tmp_path):
+    """two_nodes cannot hang: one "node" alone waits for its partner (its own join timeout far off); after
+    the test's timeout its process group is killed and the failure says what was waited for."""
+    t0 = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as e:
+        two_nodes([tmp_path], "--steps", "1", timeout=8, join_timeout=600)
+    message = str(e.value)
+    assert "were waited for 8 s to finish and 1 had not; killed" in message and "node 0" in message
+    assert "still running" in message and time.monotonic() - t0 < 8 + 15 + 10  # SIGTERM, maybe SIGKILL
 
 
 def test_two_nodes_train_exactly_as_one_process(tmp_path):
