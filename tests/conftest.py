@@ -23,6 +23,9 @@ for cache in (ROOT / ".tiktoken_cache", ROOT.parent / "shared" / "tiktoken_cache
     if "TIKTOKEN_CACHE_DIR" not in os.environ and cache.is_dir():
         os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on hub retries in tests
+# one thread, as child_env gives each subprocess: a tiny model gains nothing from more, and a run in this
+# process then computes exactly what the same run in a subprocess does (the same summation order)
+torch.set_num_threads(1)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.gpu_check import parse_steps  # noqa: E402  (the step lines as dicts: said once, there)
@@ -36,6 +39,15 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]  # the tiny model e
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run them with `python -m pytest -m gpu`")
+    config.addinivalue_line("markers", "slow: starts a training subprocess or torchrun; the contributor's tier "
+                            "`python -m pytest -m \"not slow\"` leaves it out")
+
+
+def child_env(**extra):
+    """The environment of a subprocess a test starts: unbuffered output, and one thread per process.
+    A tiny model gains nothing from a second thread, and on a busy 2-core machine the threads of two
+    processes (torchrun's ranks, or a test beside another) fight over the cores: 53 s instead of 92."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
 
 
 def existing(names):
@@ -60,10 +72,35 @@ def load_fresh(name):
 
 def run_script(name, *args, env=None, timeout=600, cmd=None):
     """Run `python NAME.py ARGS` (or `cmd + ARGS`) from the repo root; return the CompletedProcess."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env = child_env(**(env or {}))
     command = (cmd or [sys.executable, str(ROOT / f"{name}.py")]) + [str(a) for a in args]
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_here(module, *args):
+    """main(ARGS) of a numbered script or tool (a module or its name) in this process, as run_script runs
+    it in a subprocess: a CompletedProcess with the exit code, stdout and stderr (sys.exit's message last,
+    as Python prints it). The signal handlers a run installs are put back even if it does not. Not for a run
+    that forks workers (fineweb.py --workers 2): a fork of this process, whose other threads may hold a lock
+    at that instant, can hang; run_script starts such a run in a fresh interpreter."""
+    import io
+    import signal
+    from contextlib import redirect_stderr, redirect_stdout
+    module = load(module) if isinstance(module, str) else module
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s}
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            module.main([str(a) for a in args])
+    except SystemExit as e:
+        code = 1 if isinstance(e.code, str) else (e.code or 0)
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess([module.__name__, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(proc, *needles):
@@ -198,14 +235,17 @@ RUN7 = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "
 
 
 def run7(*args, nproc=1, **kw):
-    """Stage 7 on the tiny model; without a --hellaswag-file, an empty one, so that a HellaSwag
-    copy someone has in their `datasets` cache cannot change what a test sees."""
-    cmd = TORCHRUN + [f"{STAGE7}.py"] if nproc == 2 else None
+    """Stage 7 on the tiny model, in this process (run_here: a subprocess would add only its start-up) or
+    under torchrun (nproc=2); it must succeed. Without a --hellaswag-file, an empty one, so that a HellaSwag
+    copy someone has in their `datasets` cache cannot change what a test sees. Returns (proc, step rows)."""
     if "--hellaswag-file" not in args:
         empty = Path(args[args.index("--data-dir") + 1]).parent / "no_hellaswag.jsonl"
         empty.write_text("")
         args += ("--hellaswag-file", empty)
-    proc = run_script(STAGE7, *RUN7, *args, cmd=cmd, **kw)
+    if nproc == 1:
+        proc = run_here(STAGE7, *RUN7, *args)
+    else:
+        proc = run_script(STAGE7, *RUN7, *args, cmd=TORCHRUN + [f"{STAGE7}.py"], **kw)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, parse_steps(proc.stdout)
 
@@ -227,7 +267,7 @@ def signal_run(args, signals, nproc=1, pause=0.1, delay=0.0):
     send `signals` `pause` seconds apart (to torchrun itself, which passes them on to its workers)."""
     script = TORCHRUN + [f"{STAGE7}.py"] if nproc == 2 else [sys.executable, str(ROOT / f"{STAGE7}.py")]
     cmd = script + [str(a) for a in RUN7 + list(args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     head = []
     for line in proc.stdout:
@@ -284,6 +324,6 @@ def checkpoint(tmp_path_factory):
 def exported(checkpoint, tmp_path_factory):
     """The folder `python export_hf.py CHECKPOINT OUT_DIR` writes for that checkpoint."""
     out = tmp_path_factory.mktemp("export") / "gpt2-ours"
-    proc = run_script("export_hf", checkpoint[0], out)
+    proc = run_here("export_hf", checkpoint[0], out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import (ROOT, RUN7 as RUN, STAGE7 as NAME, TORCHRUN, assert_clean_error, load, make_examples,
-                      parse_steps, run7, run_script, signal_run, write_jsonl, write_shards)
+from conftest import (ROOT, RUN7 as RUN, STAGE7 as NAME, assert_clean_error, load, make_examples, parse_steps, run7,
+                      run_here, run_script, signal_run, write_jsonl, write_shards)
 
 
 @pytest.fixture
@@ -76,53 +76,21 @@ def test_shuffle_per_epoch(shards):
 # ---------------------------------------------------------------------------- training runs
 
 
-def test_ddp_two_processes_equal_one(shards, tmp_path):
-    """2 ranks x 4 micro-steps of -B 1 give the losses and gradient norms of 1 process x 4 micro-steps of -B 2,
-    and the same val loss: the val set is --val-tokens (5 rows of T here) dealt across the ranks in batches of up
-    to B rows (rank 0 takes rows 0, 2, 4; with -B 2 one process takes 2 + 2 + 1)."""
-    val = ["--val-tokens", "160"]
-    one_proc, one = run7("--data-dir", shards, "--log-dir", tmp_path / "one", "--steps", "4", *val)
-    proc, two = run7("--data-dir", shards, "--log-dir", tmp_path / "two", "--steps", "4", *val, "-B", "1", nproc=2)
-    assert "4 micro-steps of B*T = 32 on each of 2 ranks" in proc.stdout
-    vals = [[float(line.split()[-1]) for line in p.stdout.splitlines() if line.startswith("validation loss:")]
-            for p in (one_proc, proc)]
-    assert len(vals[0]) == 2 and vals[0] == pytest.approx(vals[1], abs=2e-4)  # printed to 4 decimals
-    assert len(one) == len(two) == 4
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["norm"] == pytest.approx(b["norm"], rel=1e-5)
-    assert proc.stdout.count("step     0 |") == 1  # only rank 0 prints
-
-
-def test_exact_resume(shards, tmp_path):
-    """N steps straight, vs N/2 then --resume from the N/2 checkpoint: identical second half."""
-    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
-    _, full = run7("--data-dir", shards, "--log-dir", full_dir, "--steps", "6", "--checkpoint-every", "3")
-    assert sorted(p.name for p in full_dir.glob("model_*.pt")) == ["model_00003.pt", "model_00006.pt"]
-    resumed_dir.mkdir()
-    (resumed_dir / "model_00003.pt").write_bytes((full_dir / "model_00003.pt").read_bytes())
-    (resumed_dir / "log.txt").write_text("# the first half's log\n")
-    _, second = run7("--data-dir", shards, "--log-dir", resumed_dir, "--steps", "6", "--resume")
-    assert [r["step"] for r in second] == [3, 4, 5]  # the first printed step is n
-    assert second == [{**r, "dt": s["dt"], "tok/s": s["tok/s"]} for r, s in zip(full[3:], second)]
-    log = (resumed_dir / "log.txt").read_text()
-    assert log.startswith("# the first half's log\n") and "# resumed at step 3" in log  # appended
-
-
-def test_checkpoint_contents(shards, tmp_path):
-    run7("--data-dir", shards, "--log-dir", tmp_path, "--steps", "2", nproc=2)
-    ckpt = torch.load(tmp_path / "model_00002.pt", weights_only=True)  # plain types only
-    assert ckpt["step"] == 2 and ckpt["config"] == {"block_size": 1024, "vocab_size": 50304, "n_layer": 2,
+def test_checkpoint_contents(straight):
+    """What a checkpoint holds (plain types only), and what makes it this run. (A 2-rank run's checkpoint,
+    whose keys must not carry DDP's `module.` prefix, is checked in test_pipeline_fineweb_to_ddp_to_stage1.)"""
+    ckpt = torch.load(straight[2] / "model_00006.pt", weights_only=True)  # plain types only
+    assert ckpt["step"] == 6 and ckpt["config"] == {"block_size": 1024, "vocab_size": 50304, "n_layer": 2,
                                                     "n_head": 2, "n_embd": 32}
     assert isinstance(ckpt["val_loss"], float) and set(ckpt["loader"]) == {"epoch", "shard", "position", "shards"}
     # what makes it this run: the train shards (names, sizes) and every flag that decides the trajectory
     assert ckpt["loader"]["shards"] == [[f"edufineweb_train_{i:06d}.npy", n] for i, n in
                                         zip(range(1, 5), [5003, 4099, 6007, 2999])]
-    assert ckpt["run"] == {"seed": 1337, "max_lr": 6e-4, "warmup_steps": 10, "steps": 2, "total_batch_size": 256,
+    assert ckpt["run"] == {"seed": 1337, "max_lr": 6e-4, "warmup_steps": 10, "steps": 6, "total_batch_size": 256,
                            "T": 32}
     assert not [k for k in ckpt["model"] if k.startswith(("module.", "_orig_mod."))]
     assert "state" in ckpt["optimizer"] and "cpu" in ckpt["rng"]
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(straight[2].glob("*.tmp"))
 
 
 def test_log_file(shards, tmp_path):
@@ -138,6 +106,7 @@ def test_log_file(shards, tmp_path):
 # ---------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow
 def test_offline_without_hellaswag_file_says_so_once_and_trains_on(shards, tmp_path):
     """Offline with an empty `datasets` cache: one line naming the hub dataset and the flag."""
     proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path / "log", "--steps", "2",
@@ -150,21 +119,23 @@ def test_offline_without_hellaswag_file_says_so_once_and_trains_on(shards, tmp_p
 
 
 def test_no_shards(tmp_path):
-    proc = run_script(NAME, *RUN, "--data-dir", tmp_path, "--log-dir", tmp_path / "log")
+    proc = run_here(NAME, *RUN, "--data-dir", tmp_path, "--log-dir", tmp_path / "log")
     assert_clean_error(proc, "no train shards", "fineweb.py")
 
 
 def test_shard_of_wrong_dtype(shards, tmp_path):
     np.save(shards / "edufineweb_train_000009.npy", np.arange(5000, dtype=np.int32))
-    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path / "log")
+    proc = run_here(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path / "log")
     assert_clean_error(proc, "edufineweb_train_000009.npy", "int32", "uint16")
 
 
-def test_total_batch_not_divisible_by_ranks(shards, tmp_path):
-    proc = run_script(NAME, *RUN, "--total-batch-size", "192", "--data-dir", shards, "--log-dir", tmp_path,
-                      cmd=TORCHRUN + [f"{NAME}.py"])
-    assert proc.returncode != 0
-    assert "not a positive multiple of B*T*ranks = 128" in proc.stderr
+def test_total_batch_not_divisible_by_ranks(shards, tmp_path, monkeypatch):
+    """The check made before any collective, with the world size torchrun would give (2 ranks)."""
+    m = load(NAME)
+    monkeypatch.setattr(m, "setup_ddp", lambda device: (False, 0, 0, 2, "cpu"))
+    proc = run_here(m, *RUN, "--total-batch-size", "192", "--data-dir", shards, "--log-dir", tmp_path / "log")
+    assert_clean_error(proc, "--total-batch-size 192 is not a positive multiple of B*T*ranks = 128")
+    assert not (tmp_path / "log").exists()
 
 
 def test_resume_into_an_empty_log_dir_starts_fresh(shards, tmp_path):
@@ -176,7 +147,7 @@ def test_resume_into_an_empty_log_dir_starts_fresh(shards, tmp_path):
 
 def test_resume_with_other_model_size(shards, tmp_path):
     run7("--data-dir", shards, "--log-dir", tmp_path, "--steps", "1")
-    proc = run_script(NAME, *RUN, "--n-embd", "64", "--data-dir", shards, "--log-dir", tmp_path, "--resume")
+    proc = run_here(NAME, *RUN, "--n-embd", "64", "--data-dir", shards, "--log-dir", tmp_path, "--resume")
     assert_clean_error(proc, "model_00001.pt", "--n-embd")
 
 
@@ -184,11 +155,11 @@ def test_fresh_run_keeps_an_earlier_runs_log_and_checkpoints(shards, tmp_path):
     log = tmp_path / "log"
     run7("--data-dir", shards, "--log-dir", log, "--steps", "1")
     before = {p.name: p.read_bytes() for p in log.iterdir()}
-    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", log, "--steps", "1")
+    proc = run_here(NAME, *RUN, "--data-dir", shards, "--log-dir", log, "--steps", "1")
     assert_clean_error(proc, "holds an earlier run (model_00001.pt)", "--resume")
     assert {p.name: p.read_bytes() for p in log.iterdir()} == before  # nothing overwritten, no lock left
     (log / "model_00001.pt").unlink()  # a dir with only an old log.txt: refused too
-    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", log, "--steps", "1")
+    proc = run_here(NAME, *RUN, "--data-dir", shards, "--log-dir", log, "--steps", "1")
     assert_clean_error(proc, "holds an earlier run (log.txt)", "--resume")
     assert sorted(p.name for p in log.iterdir()) == ["log.txt"] and (log / "log.txt").read_bytes() == before["log.txt"]
 
@@ -211,6 +182,7 @@ def log_entries(log_dir):
     return [(int(step), kind, float(value)) for step, kind, value in rows]
 
 
+@pytest.mark.slow
 def test_eval_and_sampling_with_torch_compile(shards, tmp_path):
     """The lecture turned compile off for eval and sampling; here all of it runs compiled."""
     examples = make_examples(10)
@@ -225,30 +197,42 @@ def test_eval_and_sampling_with_torch_compile(shards, tmp_path):
     assert entries[1][2] == pytest.approx(reference_hellaswag(examples), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_pipeline_fineweb_to_ddp_to_stage1(tmp_path):
-    """fineweb.py -> torchrun 2 processes of 7_ -> log.txt -> the checkpoint in 1_'s GPT."""
+    """fineweb.py -> torchrun 2 processes of 7_ -> log.txt -> the checkpoint in 1_'s GPT. The 2 ranks x 4
+    micro-steps of -B 1 give the losses, gradient norms, val loss and HellaSwag of 1 process x 4 micro-steps of
+    -B 2: the val set is --val-tokens (5 rows of T here) dealt across the ranks in batches of up to B rows (rank
+    0 takes rows 0, 2, 4; with -B 2 one process takes 2 + 2 + 1), and each rank scores every other example."""
     import json
     text = (ROOT / "input.txt").read_text(encoding="utf-8")
     docs = [d for d in text.split("\n\n") if d.strip()][:1500]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     shards = tmp_path / "shards"
-    proc = run_script("fineweb", "--data-files", corpus, "--shard-size", "20000", "--out-dir", shards,
-                      "--workers", "2")
+    proc = run_script("fineweb", "--data-files", corpus, "--shard-size", "20000", "--out-dir", shards, "--workers", "2")
     assert proc.returncode == 0, proc.stderr
     assert len(list(shards.glob("edufineweb_train_*.npy"))) >= 3
     examples = make_examples(9)
     jsonl = write_jsonl(tmp_path / "hellaswag_val.jsonl", examples)
-    log_dir = tmp_path / "log"
-    _, rows = run7("--data-dir", shards, "--log-dir", log_dir, "--steps", "3", "--eval-every", "2",
-                   "--hellaswag-file", jsonl, "--hellaswag-limit", "0", nproc=2)
+    args = ["--data-dir", shards, "--steps", "3", "--eval-every", "2", "--val-tokens", "160",
+            "--hellaswag-file", jsonl, "--hellaswag-limit", "0"]
+    _, one = run7(*args, "--log-dir", tmp_path / "one")
+    proc, rows = run7(*args, "--log-dir", tmp_path / "log", "-B", "1", nproc=2)
+    assert "4 micro-steps of B*T = 32 on each of 2 ranks" in proc.stdout and "DDP: 2 ranks, gloo" in proc.stdout
+    assert proc.stdout.count("step     0 |") == 1  # only rank 0 prints
     assert [r["step"] for r in rows] == [0, 1, 2]
-    entries = log_entries(log_dir)
-    assert {k for _, k, _ in entries} == {"train", "val", "hella"}
+    for a, b in zip(one, rows):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["norm"] == pytest.approx(b["norm"], rel=1e-5)
+    entries, single = log_entries(tmp_path / "log"), log_entries(tmp_path / "one")
+    assert [(s, k) for s, k, _ in entries] == [(s, k) for s, k, _ in single]
+    for (_, kind, a), (_, _, b) in zip(entries, single):
+        assert a == pytest.approx(b, abs=2e-4 if kind == "val" else 1e-5)  # val: printed to 4 decimals
     # each rank scored every other example; the summed counts give the whole set's accuracy
     assert [v for s, k, v in entries if k == "hella"][0] == pytest.approx(reference_hellaswag(examples), abs=1e-4)
 
-    ckpt = torch.load(log_dir / "model_00003.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "log" / "model_00003.pt", weights_only=True)
+    assert ckpt["step"] == 3 and not [k for k in ckpt["model"] if k.startswith(("module.", "_orig_mod."))]
     stage1, stage7 = load("1_gpt2_hf_eval"), load(NAME)
     ours = stage7.GPT(stage7.GPTConfig(**ckpt["config"])).eval()
     ours.load_state_dict(ckpt["model"])
@@ -262,6 +246,7 @@ def test_pipeline_fineweb_to_ddp_to_stage1(tmp_path):
 # ---------------------------------------------------------------------------- signals, damaged and unwritable checkpoints
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (1, signal.SIGINT), (2, signal.SIGTERM)])
 def test_signal_saves_the_step_and_resume_goes_on_exactly(straight, tmp_path, nproc, sig):
     """SIGTERM or Ctrl-C mid-run: the step in progress finishes, all ranks stop after it, its checkpoint
@@ -294,6 +279,7 @@ def test_signal_saves_the_step_and_resume_goes_on_exactly(straight, tmp_path, np
         assert a["norm"] == pytest.approx(b["norm"], rel=0 if nproc == 1 else 1e-5)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once(tmp_path):
     """Ctrl-C, then Ctrl-C again before the step ends: the run ends at once, without a checkpoint."""
     shards = write_shards(tmp_path / "shards", [1000, 20000])  # one shard holds a step of 8,192 tokens
@@ -314,24 +300,28 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
     assert sorted(p.name for p in log.iterdir()) == ["log.txt", "model_00001.pt"]
 
 
-def test_damaged_newest_checkpoint(straight, tmp_path):
-    """A newest checkpoint cut short: one line naming it and what to do, nothing deleted or rewritten;
-    doing what it says resumes from the checkpoint before it, with the uninterrupted run's losses."""
+def test_exact_resume_past_a_damaged_newest_checkpoint(straight, tmp_path):
+    """N steps straight, vs --resume from the N/2 checkpoint: the same second half, to the bit. Here the newest
+    checkpoint, N, is cut short (an interrupted copy): one line names it and what to do, nothing deleted or
+    rewritten; doing what it says resumes from N/2, whose first printed step is N/2, and appends to log.txt."""
     data, full, straight_log = straight
     log = tmp_path / "log"
     log.mkdir()
     for name in ("model_00003.pt", "model_00006.pt"):
         (log / name).write_bytes((straight_log / name).read_bytes())
+    (log / "log.txt").write_text("# the first half's log\n")
     newest = log / "model_00006.pt"
     newest.write_bytes(newest.read_bytes()[:newest.stat().st_size // 2])  # an interrupted copy
     before = {p.name: p.read_bytes() for p in log.iterdir()}
-    proc = run_script(NAME, *RUN, *data, "--log-dir", log, "--resume")
+    proc = run_here(NAME, *RUN, *data, "--log-dir", log, "--resume")
     assert_clean_error(proc, str(newest), "move it out of", "--resume")
     assert {p.name: p.read_bytes() for p in log.iterdir()} == before
     newest.rename(tmp_path / "model_00006.pt.damaged")
     proc, rows = run7(*data, "--log-dir", log, "--resume")
     assert f"resuming from {log / 'model_00003.pt'}" in proc.stdout and [r["step"] for r in rows] == [3, 4, 5]
     assert rows == [{**r, "dt": s["dt"], "tok/s": s["tok/s"]} for r, s in zip(full[3:], rows)]
+    text = (log / "log.txt").read_text()
+    assert text.startswith("# the first half's log\n") and "# resumed at step 3" in text  # appended
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")

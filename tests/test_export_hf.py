@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, STAGE7, assert_clean_error, load, main_error, run_script
+from conftest import ROOT, STAGE7, assert_clean_error, load, main_error, run_here
 
 import export_hf
 
@@ -98,7 +98,7 @@ def test_bad_input_is_one_line_and_writes_nothing(kind, checkpoint, tmp_path):
         out.mkdir()
         (out / "keep.txt").write_text("mine")
     before = sorted(os.listdir(tmp_path))
-    proc = run_script("export_hf", path, out)
+    proc = run_here("export_hf", path, out)
     assert_clean_error(proc, "out" if kind == "out-dir-not-empty" else "model_00004.pt")
     assert sorted(os.listdir(tmp_path)) == before  # no OUT_DIR, no temporary folder
     if kind == "out-dir-not-empty":

@@ -1,6 +1,6 @@
-"""fineweb.py on a small local corpus: the shard contract (DESIGN.md, contract 4), byte-identity
+"""fineweb.py on a small local corpus: the shard layout docs/data.md gives, byte-identity
 with the lecture's loop, every input format, resume after an interruption, clear errors; and
---download (contract 10) from a stand-in for the hub: a folder of llm.c .bin files, served either
+--download from a stand-in for the hub: a folder of llm.c .bin files, served either
 by a stand-in for the one function that calls the hub client or over HTTP as an HF_ENDPOINT mirror."""
 import errno
 import hashlib
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, main_error, run7, run_script
+from conftest import ROOT, main_error, run7, run_here, run_script
 
 import fineweb
 
@@ -66,8 +66,13 @@ def write_jsonl(path, docs):
 
 
 def fw(*args, workers=1):
-    """fineweb.main in this process (workers=1: no Pool, fast); an error raises SystemExit."""
-    fineweb.main([str(a) for a in args] + ["--workers", str(workers)])
+    """fineweb.main in this process (workers=1: no Pool, fast); an error raises SystemExit. A Pool's workers
+    come from a fresh forkserver, never a fork of this process: its other threads (torch's, tiktoken's) may
+    hold a lock at that instant, and a forked worker then waits for it forever."""
+    import multiprocessing
+    from unittest import mock
+    with mock.patch.object(fineweb, "mp", multiprocessing.get_context("forkserver")):
+        fineweb.main([str(a) for a in args] + ["--workers", str(workers)])
 
 
 def shard_files(out_dir):
@@ -118,8 +123,7 @@ def test_cli_shards_cut_exactly(tmp_path, docs, doc_tokens):
     size = 1500
     data = write_jsonl(tmp_path / "corpus.jsonl", docs)
     out = tmp_path / "shards"
-    r = run_script("fineweb", "--data-files", data, "--shard-size", size, "--out-dir", out,
-                   "--workers", 2)
+    r = run_here("fineweb", "--data-files", data, "--shard-size", size, "--out-dir", out, "--workers", 1)
     assert r.returncode == 0, r.stderr
     stream = np.concatenate(doc_tokens)
     n = -(-len(stream) // size)
@@ -187,6 +191,7 @@ def test_input_formats_agree(tmp_path, docs):
         assert outs[name] == outs["jsonl"], name
 
 
+@pytest.mark.slow
 def test_workers_give_identical_shards(tmp_path, docs):
     """1 process, a forked Pool, and a spawned Pool (macOS/Windows: each worker re-imports the
     script, which the __main__ guard makes harmless) write the same bytes."""
@@ -278,8 +283,7 @@ def test_bad_input_is_one_clear_line(tmp_path, docs, case):
            "no-text-field": [tmp_path / "bad.jsonl"]}[case]
     if case == "no-text-field":  # found only while reading, so in a directory of its own
         out = tmp_path / "out2"
-    r = run_script("fineweb", "--data-files", *bad, "--shard-size", 3000, "--out-dir", out,
-                   "--workers", 2)
+    r = run_here("fineweb", "--data-files", *bad, "--shard-size", 3000, "--out-dir", out, "--workers", 1)
     assert r.returncode != 0
     line = one_error_line(r.stderr)
     assert {"missing-file": "nope.jsonl", "extension": "c.csv",
@@ -357,8 +361,7 @@ def test_only_a_val_shard_is_said(tmp_path, capsys):
 @pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["download", "streaming"])
 def test_hub_offline_is_one_clear_line(tmp_path, streaming):
     out = tmp_path / "out"
-    r = run_script("fineweb", "--out-dir", out, *streaming,
-                   env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    r = run_here("fineweb", "--out-dir", out, *streaming)  # HF_HUB_OFFLINE=1 (conftest)
     assert r.returncode != 0
     line = one_error_line(r.stderr)
     assert "hub" in line and "--data-files" in line
@@ -382,8 +385,7 @@ def test_bench_shards_are_shards_stage7_reads(tmp_path, enc):
     """benchmarks/make_bench_shards.py (timing stage 7 without FineWeb-Edu): fineweb.py's layout,
     tiny Shakespeare's tokens repeated, read by stage 7's loader."""
     out = tmp_path / "bench"
-    r = run_script("make_bench_shards", "--out-dir", out, "--shard-size", "400000", "--val-size", "5000",
-                   cmd=[sys.executable, str(ROOT / "benchmarks" / "make_bench_shards.py")])
+    r = run_here("benchmarks.make_bench_shards", "--out-dir", out, "--shard-size", "400000", "--val-size", "5000")
     assert r.returncode == 0, r.stderr
     shards = sorted(p.name for p in out.glob("*.npy"))
     assert shards == ["edufineweb_train_000001.npy", "edufineweb_train_000002.npy", "edufineweb_val_000000.npy"]
@@ -443,8 +445,7 @@ def test_full_disk_while_writing_the_manifest(tmp_path, docs):
     fw("--data-files", data, "--shard-size", 1500, "--out-dir", out, "--max-shards", 2)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     os.symlink("/dev/full", out / fineweb.TMP)
-    r = run_script("fineweb", "--data-files", data, "--shard-size", 1500, "--out-dir", out,
-                   "--workers", 2)
+    r = run_here("fineweb", "--data-files", data, "--shard-size", 1500, "--out-dir", out, "--workers", 1)
     assert r.returncode != 0
     line = one_error_line(r.stderr)
     assert str(out / fineweb.MANIFEST) in line and os.strerror(errno.ENOSPC) in line, line
@@ -697,7 +698,7 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch, error):
 def test_download_offline_is_one_line(tmp_path):
     """The real hub client, offline (HF_HUB_OFFLINE=1, as in this workplace)."""
     out = tmp_path / "out"
-    r = run_script("fineweb", "--download", "--out-dir", out, env={"HF_HUB_OFFLINE": "1"})
+    r = run_here("fineweb", "--download", "--out-dir", out)  # HF_HUB_OFFLINE=1 (conftest)
     assert r.returncode != 0
     line = one_error_line(r.stderr)
     assert "kjj0/finewebedu10B-gpt2" in line and "finewebedu_val_000000.bin" in line
@@ -751,6 +752,7 @@ def serve_hub(folder, drop_first_get_of=None):
     return server, seen
 
 
+@pytest.mark.slow
 def test_download_through_hf_endpoint_mirror_then_stage7_trains(tmp_path):
     """`python fineweb.py --download --max-shards 3` through the real hub client pointed at a local
     mirror by HF_ENDPOINT: a download broken off near its end resumes (a Range request: the client

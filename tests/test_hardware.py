@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 import torch
-from conftest import (ROOT, SCRIPTS, TINY, existing, load, load_fresh, main_losses, main_steps, parse_steps,
+from conftest import (ROOT, SCRIPTS, TINY, child_env, existing, load, load_fresh, main_losses, main_steps, parse_steps,
                       write_shards)
 from test_ddp import NAME, RUN, run7
 
@@ -234,7 +234,7 @@ def two_nodes(cwds, *args, timeout=NODES_TIMEOUT, join_timeout=None):
                "--max-restarts=0", str(ROOT / f"{NAME}.py"), *RUN, *[str(a) for a in args]]
         outs.append(tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace"))
         procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=outs[-1], stderr=subprocess.STDOUT, text=True,
-                                      env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True))
+                                      env=child_env(), start_new_session=True))
     deadline, late = time.monotonic() + timeout, []
     for p in procs:
         try:
@@ -264,6 +264,7 @@ def two_nodes(cwds, *args, timeout=NODES_TIMEOUT, join_timeout=None):
     return [(p.returncode, text) for p, text in zip(procs, texts)]
 
 
+@pytest.mark.slow
 def test_a_node_that_never_finishes_is_killed_and_named(tmp_path):
     """two_nodes cannot hang: one "node" alone waits for its partner (its own join timeout far off); after
     the test's timeout its process group is killed and the failure says what was waited for."""
@@ -275,6 +276,7 @@ def test_a_node_that_never_finishes_is_killed_and_named(tmp_path):
     assert "still running" in message and time.monotonic() - t0 < 8 + 15 + 10  # SIGTERM, maybe SIGKILL
 
 
+@pytest.mark.slow
 def test_two_nodes_train_exactly_as_one_process(tmp_path):
     shards = write_shards(tmp_path / "shards", [3001, 5003, 4099])
     empty = tmp_path / "no_hellaswag.jsonl"
@@ -293,6 +295,7 @@ def test_two_nodes_train_exactly_as_one_process(tmp_path):
         assert a["norm"] == pytest.approx(b["norm"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_where_a_node_cannot_see_the_checkpoint(tmp_path):
     """--log-dir log, relative: each node resolves it in its own folder, as two machines without
     shared storage would; one of them holds the checkpoint. Each rank says so in one line."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 import hellaswag
-from conftest import (RUN7, STAGE7, assert_clean_error, load, main_error, main_steps, make_examples, run_script,
+from conftest import (RUN7, STAGE7, assert_clean_error, load, main_error, main_steps, make_examples, run_here, run_script,
                       write_hub_format, write_jsonl, write_shards)
 
 RESULT = re.compile(r"^acc (\d\.\d{4}) acc_norm (\d\.\d{4}) over (\d+) examples$", re.M)
@@ -134,18 +134,18 @@ def test_batched_equals_unbatched(model, examples, reference):
 
 def test_cli_local_model_and_file(hf_dir, examples, reference, tmp_path):
     data = write_jsonl(tmp_path / "val.jsonl", examples)
-    out = run_script("hellaswag", "-m", hf_dir, "-d", "cpu", "--data-file", data,
-                     "--batch-size", 5, "--log-every", 4)
+    out = run_here("hellaswag", "-m", hf_dir, "-d", "cpu", "--data-file", data, "--batch-size", 5, "--log-every", 4)
     assert out.returncode == 0, out.stderr
     n, acc, acc_norm = counts(reference)
     assert RESULT.search(out.stdout).groups() == (f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
     assert len(re.findall(r"^\s+\d+ examples \| acc ", out.stdout, re.M)) == 3   # at 4, 8, 12
 
-    limited = run_script("hellaswag", "-m", hf_dir, "-d", "cpu", "--data-file", data, "--limit", 5)
+    limited = run_here("hellaswag", "-m", hf_dir, "-d", "cpu", "--data-file", data, "--limit", 5)
     n, acc, acc_norm = counts(reference[:5])
     assert RESULT.search(limited.stdout).groups() == (f"{acc / n:.4f}", f"{acc_norm / n:.4f}", "5")
 
 
+@pytest.mark.slow  # a fresh interpreter: the hub client reads HF_HOME when it is imported
 def test_cli_offline_hub_name(examples, tmp_path):
     data = write_jsonl(tmp_path / "val.jsonl", examples)
     out = run_script("hellaswag", "-m", "gpt2", "--data-file", data, "-d", "cpu",
@@ -209,6 +209,7 @@ def test_cli_reads_hub_parquet(hf_dir, examples, reference, tmp_path, capsys):
         f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
 
 
+@pytest.mark.slow  # a fresh interpreter: `datasets` reads HF_HOME when it is imported
 def test_offline_with_nothing_cached_is_one_line(tmp_path):
     """The real `datasets`, offline, with an empty cache: one line naming the dataset and the flag."""
     out = run_script("hellaswag", "-m", "unused", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
@@ -293,7 +294,7 @@ def test_checkpoint_scores_like_its_export(checkpoint, exported, examples, tmp_p
 def test_bad_checkpoint_is_one_line(examples, tmp_path):
     data = write_jsonl(tmp_path / "val.jsonl", examples[:2])
     path = tmp_path / "model_00004.pt"
-    out = run_script("hellaswag", "-m", path, "-d", "cpu", "--data-file", data)   # missing
+    out = run_here("hellaswag", "-m", path, "-d", "cpu", "--data-file", data)   # missing
     assert_clean_error(out, "model_00004.pt", "no such checkpoint")
     path.write_text("not a checkpoint")
     with pytest.raises(SystemExit) as exit_info:

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import (ROOT, RUN7 as RUN, STAGE7 as NAME, TORCHRUN, assert_clean_error, load, parse_steps, run7,
-                      run_script, signal_run, write_shards)
+from conftest import (ROOT, RUN7 as RUN, STAGE7 as NAME, TORCHRUN, assert_clean_error, child_env, load,
+                      parse_steps, run7, run_here, signal_run, write_shards)
 
 import checkpoints
 import longrun
@@ -32,6 +32,7 @@ def same_losses(rows, full, rel=0.0):
 # ---------------------------------------------------------------------------- one run per log dir
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_log_dir_stops_and_sighup_saves_the_first(tmp_path):
     """The same command twice (a requeue, a second terminal): the second stops at once with one line naming
     the first; the first goes on untouched. Then SIGHUP (an ssh drop) stops the first as SIGTERM does:
@@ -42,14 +43,14 @@ def test_a_second_run_into_a_busy_log_dir_stops_and_sighup_saves_the_first(tmp_p
     args = ["--data-dir", shards, "--hellaswag-file", tmp_path / "no_hellaswag.jsonl", "--steps", "4",
             "--log-dir", log, "--total-batch-size", "8192"]
     cmd = [sys.executable, str(ROOT / f"{NAME}.py")] + [str(a) for a in RUN + args]
-    first = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
+    first = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     head = []
     for line in first.stdout:  # the first run holds the lock once it prints a step
         head.append(line)
         if line.startswith("step "):
             break
-    second = run_script(NAME, *RUN, *args)
+    second = run_here(NAME, *RUN, *args)
     assert_clean_error(second, f"{log} is in use by process {first.pid} on {platform.node()}", "wait for it")
     first.send_signal(signal.SIGHUP)
     out, err = first.communicate(timeout=300)
@@ -205,7 +206,7 @@ def test_resume_that_would_be_another_run_says_what_changed(change, straight, tm
         needles = ["trained with --seed 1337 --max-lr 0.0006 --warmup-steps 10 --steps 6, this run has --seed 7 "
                    "--max-lr 0.001 --warmup-steps 2 --steps 8; pass --seed 1337 --max-lr 0.0006 --warmup-steps 10 "
                    "--steps 6 to continue it exactly"]
-    proc = run_script(NAME, *RUN, *data, "--data-dir", shards, "--log-dir", tmp_path / "log", "--resume", *extra)
+    proc = run_here(NAME, *RUN, *data, "--data-dir", shards, "--log-dir", tmp_path / "log", "--resume", *extra)
     assert_clean_error(proc, str(tmp_path / "log" / "model_00003.pt"), *needles)
     assert sorted(p.name for p in (tmp_path / "log").iterdir()) == ["model_00003.pt"]  # nothing written, no lock
 
@@ -227,21 +228,12 @@ def test_every_flag_is_checked_on_resume_or_said_in_help_to_be_free_to_change(ca
         assert not names or said or checked & set(names), names
 
 
-def test_resume_with_another_number_of_ranks_keeps_the_total_batch(straight, tmp_path):
-    """One process's checkpoint, resumed by 2 ranks with the same total batch: the same run (to float error)."""
-    data, full, straight_log = straight
-    copy_checkpoint(straight_log, tmp_path / "log", "model_00003.pt")
-    _, rows = run7(*data, "--log-dir", tmp_path / "log", "--resume", nproc=2)
-    assert [r["step"] for r in rows] == [3, 4, 5]
-    same_losses(rows, full, rel=1e-5)
-
-
 def test_resume_of_a_finished_run_says_so(straight, tmp_path):
     data, _, straight_log = straight
     log = tmp_path / "log"
     copy_checkpoint(straight_log, log, "model_00003.pt", "model_00006.pt", "log.txt")
     before = (log / "log.txt").read_bytes()
-    proc = run_script(NAME, *RUN, *data, "--log-dir", log, "--resume")
+    proc = run_here(NAME, *RUN, *data, "--log-dir", log, "--resume")
     assert proc.returncode == 0, proc.stderr
     assert f"{log / 'model_00006.pt'}: the run is finished (6 of 6 steps); nothing to do" in proc.stdout
     assert not parse_steps(proc.stdout) and (log / "log.txt").read_bytes() == before  # no header appended
@@ -269,6 +261,7 @@ def rank_pid(parent, local_rank):
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers in /proc (Linux)")
 def test_torchrun_max_restarts_restarts_a_killed_worker_and_ends_as_the_uninterrupted_run(tmp_path):
     """`torchrun --max-restarts 1 ... --resume` into an empty log dir starts fresh; rank 1 is killed (-9) after
@@ -282,7 +275,7 @@ def test_torchrun_max_restarts_restarts_a_killed_worker_and_ends_as_the_uninterr
     log = tmp_path / "log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            str(ROOT / f"{NAME}.py")] + [str(a) for a in RUN + args + ["--log-dir", log, "--resume"]]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while not (log / "model_00003.pt").exists() and time.time() < deadline:
@@ -322,7 +315,7 @@ def test_damaged_shard_stops_the_run_before_it_trains(damage, shards_and_empty, 
     else:
         bad = shards / "edufineweb_val_000000.npy"  # the val shard is opened at once
         np.save(bad, np.full(4000, 50300, dtype=np.uint16))
-    proc = run_script(NAME, *RUN, *shards_and_empty, "--log-dir", tmp_path / "log")
+    proc = run_here(NAME, *RUN, *shards_and_empty, "--log-dir", tmp_path / "log")
     assert_clean_error(proc, str(bad), "fineweb.py")
     assert "allow_pickle" not in proc.stderr and not parse_steps(proc.stdout)
 
@@ -336,7 +329,7 @@ def test_shard_with_ids_past_the_vocabulary_found_mid_run(tmp_path):
     np.save(second, np.full(3001, 50300, dtype=np.uint16))
     empty = tmp_path / "no_hellaswag.jsonl"
     empty.write_text("")
-    proc = run_script(NAME, *RUN, "--data-dir", shards, "--hellaswag-file", empty, "--log-dir", tmp_path / "log",
+    proc = run_here(NAME, *RUN, "--data-dir", shards, "--hellaswag-file", empty, "--log-dir", tmp_path / "log",
                       "--steps", "30", "--checkpoint-every", "5")
     assert_clean_error(proc, str(second), "token id 50300", "re-create it with fineweb.py, then continue from")
     assert parse_steps(proc.stdout)  # it trained on the first shard
@@ -352,7 +345,7 @@ def test_a_run_whose_last_checkpoint_cannot_be_written_fails_and_says_so(shards_
     log = tmp_path / "log"
     log.mkdir()
     (log / "model_00003.pt.tmp").symlink_to("/dev/full")
-    proc = run_script(NAME, *RUN, *shards_and_empty, "--log-dir", log, "--steps", "3", "--checkpoint-every", "2")
+    proc = run_here(NAME, *RUN, *shards_and_empty, "--log-dir", log, "--steps", "3", "--checkpoint-every", "2")
     assert_clean_error(proc, f"could not write {log / 'model_00003.pt'} (the disk is full at {log})",
                        f"continue from {log / 'model_00002.pt'} with: ")
     assert proc.returncode == 1 and [r["step"] for r in parse_steps(proc.stdout)] == [0, 1, 2]
@@ -361,6 +354,7 @@ def test_a_run_whose_last_checkpoint_cannot_be_written_fails_and_says_so(shards_
     assert sorted(p.name for p in log.iterdir()) == ["log.txt", "model_00002.pt"]  # no .tmp, no lock left
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_a_stop_that_could_not_be_saved_names_no_checkpoint(shards_and_empty, tmp_path):
     """SIGTERM, and its checkpoint cannot be written: exit 1 (not 143, a clean stop), and no resume command for a
@@ -376,13 +370,14 @@ def test_a_stop_that_could_not_be_saved_names_no_checkpoint(shards_and_empty, tm
     assert proc.returncode == 1 and "continue from" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_a_signal_during_set_up_ends_in_one_line(shards_and_empty, tmp_path):
     """Ctrl-C while the run sets up (data, model, log dir): one line, 128 + the signal, no traceback (SIGTERM and
     SIGHUP take the same handler)."""
     sig = signal.SIGINT
     cmd = [sys.executable, str(ROOT / f"{NAME}.py")] + [str(a) for a in RUN + shards_and_empty + ["--log-dir",
                                                                                               tmp_path / "log"]]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = proc.stdout.readline()  # main() has started: the total batch line comes before any set-up
     proc.send_signal(sig)
@@ -393,15 +388,18 @@ def test_a_signal_during_set_up_ends_in_one_line(shards_and_empty, tmp_path):
                                             "trained or saved")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
-def test_ctrl_c_under_torchrun_saves_the_step_and_says_how_to_go_on(shards_and_empty, tmp_path):
+def test_ctrl_c_under_torchrun_saves_the_step_and_one_process_goes_on(straight, tmp_path):
     """Ctrl-C in a terminal goes to its foreground process group: torchrun, which passes one SIGINT to each worker
     (they run in sessions of their own). The run finishes the step, saves it and prints its own line, with a
     command that pastes (the log dir has a space). torchrun itself then ends with its own SignalException
-    traceback and exit 1, which is torch's (docs/long-runs.md)."""
+    traceback and exit 1, which is torch's (docs/long-runs.md). The 2 ranks' checkpoint, resumed by one process
+    with the same total batch, goes on as the uninterrupted one-process run (to float error)."""
+    data, full, _ = straight
     log = tmp_path / "log dir"  # a space: the printed command must still paste
-    cmd = TORCHRUN + [f"{NAME}.py"] + [str(a) for a in RUN + shards_and_empty + ["--log-dir", log, "--steps", "6"]]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
+    cmd = TORCHRUN + [f"{NAME}.py"] + [str(a) for a in RUN + data + ["--log-dir", log]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     head = []
     for line in proc.stdout:
@@ -417,3 +415,6 @@ def test_ctrl_c_under_torchrun_saves_the_step_and_says_how_to_go_on(shards_and_e
     assert (log / f"model_{n:05d}.pt").exists() and f'{NAME}.py", line' not in err
     command = shlex.split(stopped[0].split(" with: ", 1)[1])
     assert command[:2] == ["torchrun", "--standalone"] and command[command.index("--log-dir") + 1] == str(log)
+    _, rows = run7(*data, "--log-dir", log, "--resume")
+    assert [r["step"] for r in rows] == list(range(n, 6))
+    same_losses(rows, full, rel=1e-5)

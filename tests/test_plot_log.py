@@ -4,7 +4,7 @@ import re
 import struct
 
 import pytest
-from conftest import assert_clean_error, main_error, run_script
+from conftest import assert_clean_error, main_error, run_here
 
 import plot_log
 
@@ -34,7 +34,7 @@ def dashed(ax):
 def test_plot_of_a_real_stage7_log(stage7_run, tmp_path):
     log = tmp_path / "log.txt"
     log.write_text((stage7_run / "log.txt").read_text())
-    proc = run_script("plot_log", log)  # default output: beside the log
+    proc = run_here("plot_log", log)  # default output: beside the log
     assert proc.returncode == 0, proc.stderr
     assert png_size(tmp_path / "log.png") == (1600, 600)  # two panels
     e = entries(log)
@@ -74,7 +74,7 @@ def test_resumed_log_without_hellaswag(tmp_path):
     assert streams["hella"] == {} and model == (12, 768, 524288) and skipped == 1
 
     out = tmp_path / "plot.png"
-    proc = run_script("plot_log", log, "-o", out)
+    proc = run_here("plot_log", log, "-o", out)
     assert proc.returncode == 0, proc.stderr
     assert "min train loss 6.0000 at step 5" in proc.stdout and "min val loss 7.4000 at step 3" in proc.stdout
     assert "HellaSwag" not in proc.stdout and "skipped 1 line" in proc.stdout
@@ -97,7 +97,7 @@ def test_nothing_to_plot_is_one_line(content, tmp_path):
     log = tmp_path / "log.txt"
     if content is not None:
         log.write_text(content)
-    proc = run_script("plot_log", log)
+    proc = run_here("plot_log", log)
     assert_clean_error(proc, str(log))
     assert not (tmp_path / "log.png").exists()
     assert re.fullmatch(r"error: .*\n", proc.stderr)  # one line

@@ -3,7 +3,8 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, SCRIPTS, TINY, TORCHRUN, existing, load, main_steps, parse_steps, run_script, write_shards
+from conftest import (ROOT, SCRIPTS, TINY, TORCHRUN, existing, load, main_steps, parse_steps, run_here, run_script,
+                      write_shards)
 
 FAST = existing(SCRIPTS[5:])  # stages with SDPA, autocast, compile and vocab 50304
 RECIPE = existing(SCRIPTS[6:])  # stages with the GPT-3 recipe
@@ -58,6 +59,7 @@ def test_bf16_autocast_trains_on_cpu():
     assert sum(losses[-5:]) / 5 < losses[0] - 0.3
 
 
+@pytest.mark.slow  # inductor compiles C++ for the CPU: tens of seconds
 def test_torch_compile_on_cpu_matches_eager():
     m = load("5_train_speedup")
     eager = m.main(CPU + ["--steps", "2", "--dtype", "float32", "--no-compile"])
@@ -159,7 +161,7 @@ def test_gradient_accumulation_equals_one_big_batch(name, tmp_path):
 
 @pytest.mark.parametrize("name", RECIPE)
 def test_total_batch_must_divide(name, tmp_path):
-    proc = run_script(name, *CPU, *data_args(name, tmp_path), "--total-batch-size", "100")
+    proc = run_here(name, *CPU, *data_args(name, tmp_path), "--total-batch-size", "100")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "--total-batch-size 100 is not a positive multiple of B*T" in last and "= 32;" in last
@@ -194,15 +196,16 @@ def test_peak_table_matches_gpu_names(name):
     assert first("NVIDIA GeForce GTX 1080") is None  # unknown: no mfu unless --peak-tflops
 
 
-@pytest.mark.parametrize("name, nproc", [(name, 1) for name in RECIPE] + [(name, 2) for name in existing(SCRIPTS[7:])])
+@pytest.mark.parametrize("name, nproc", [(name, 1) for name in RECIPE] +
+                         [pytest.param(name, 2, marks=pytest.mark.slow) for name in existing(SCRIPTS[7:])])
 def test_divergence_stops_before_the_optimizer_step(name, nproc, tmp_path):
     """--max-lr 1e3 (float32, eager: deterministic) drives the gradient norm to inf within a few
     steps. The run stops at that step on every rank with one error line (which step, what to try,
     where to resume from), exit 1, no traceback; every checkpoint left (one per step) is finite."""
-    cmd = TORCHRUN + [f"{name}.py"] if nproc == 2 else None
     every_step = ["--checkpoint-every", "1"] if name in SCRIPTS[7:] else []
-    proc = run_script(name, *CPU, *data_args(name, tmp_path), *every_step, "--max-lr", "1e3", "--warmup-steps", "2",
-                      "--steps", "20", "--dtype", "float32", "--no-compile", cmd=cmd)
+    args = [*CPU, *data_args(name, tmp_path), *every_step, "--max-lr", "1e3", "--warmup-steps", "2", "--steps", "20",
+            "--dtype", "float32", "--no-compile"]
+    proc = run_script(name, *args, cmd=TORCHRUN + [f"{name}.py"]) if nproc == 2 else run_here(name, *args)
     rows = parse_steps(proc.stdout)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and len(errors) == 1, proc.stdout + proc.stderr  # rank 0 alone says it
