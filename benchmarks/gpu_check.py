@@ -831,20 +831,20 @@ class Check:
         n = 0
         if self.device == "cuda" and i.get("xdist"):  # each worker: a CUDA context, a tiny model
             n = min(6, max(1, (i.get("cpus") or 2) // 2), max(1, int(self.gib // 4)))
-        # per test, under the part's cap: a hung test fails alone and the summary still comes
-        timeout = ["--timeout", f"{max(10, cap - 15):.0f}"] if i.get("pytest_timeout") else []
         if self.device == "cuda":  # (label, command, seconds kept for the runs after it)
             runs = [("parallel" if n >= 2 else "all but the out-of-memory test",
                      base + ["-k", f"not {OOM_TEST}"] + (["-n", str(n)] if n >= 2 else []),
-                     min(45, cap / 3)),
+                     min(30, cap / 4)),
                     ("out-of-memory test alone", base + ["-k", OOM_TEST], 0)]
         else:  # the rehearsal: every test skips without CUDA; one run shows the code path
             runs = [("every gpu test (no CUDA: all skip)", base, 0)]
         lines, figures, states = [], [], []
         for label, cmd, kept in runs:
-            cmd = cmd + timeout
+            limit = self.deadline - time.time() - kept
+            if i.get("pytest_timeout"):  # per test, within the run's limit: a hung test fails
+                cmd = cmd + ["--timeout", f"{max(5, limit - 5):.0f}"]  # alone, the summary comes
             self.say(f"pytest: {label}: {show(cmd, self.tmp)}")
-            r = self.run(cmd, raw, self.deadline - time.time() - kept)
+            r = self.run(cmd, raw, limit)
             summary, counts, failed = parse_pytest(r.text)
             done = parse_progress(r.text)
             if r.rc is None:  # stopped before its summary: what the -v lines say so far

@@ -1,7 +1,7 @@
-"""benchmarks/gpu_check.py, the one command a GPU session runs: its derived figures from hand-computed
-tables; its scheduler in process, with fake parts that take too long (the order, each part's share
-of the budget, what a cut part keeps, the report's first line, Ctrl-C, --out and flag errors); and
-one short CPU rehearsal end to end (slow: every real part, every section of report.md)."""
+"""benchmarks/gpu_check.py, the one command a GPU session runs: its derived figures from
+hand-computed tables; its scheduler in process, with fake parts that take too long (the order, each
+part's share of the budget, what a cut part keeps, the report's first line, Ctrl-C, --out and flag
+errors); and one short CPU rehearsal end to end (slow: every real part, every report section)."""
 import importlib.util
 import os
 import re
@@ -49,7 +49,7 @@ def test_flops_per_token_counts_the_models_own_weights(size):
 
 
 def test_peak_is_the_first_name_found_in_the_gpus_name():
-    table = {"H100 PCIe": 756, "H100": 989, "A100": 312}  # the stage scripts' order: longer name first
+    table = {"H100 PCIe": 756, "H100": 989, "A100": 312}  # the stage scripts' order: longer first
     assert mfu.peak_tflops("NVIDIA H100 PCIe", table) == 756.0
     assert mfu.peak_tflops("NVIDIA H100 80GB HBM3", table) == 989.0
     assert mfu.peak_tflops("NVIDIA A100-SXM4-40GB", table, tf32=True) == 156.0  # TF32: half of bf16
@@ -59,51 +59,57 @@ def test_peak_is_the_first_name_found_in_the_gpus_name():
 
 def test_largest_batch_per_card_from_a_measured_table():
     reserved = {1: 3.1, 2: 3.9, 4: 5.5, 8: 8.7, 16: 15.1, 32: 27.9, 64: 53.5}  # GiB, as measured
-    # fits when reserved + 0.5 <= 0.94 * N: 8 -> 7.02, 12 -> 10.78, 16 -> 14.54, 24 -> 22.06, 40 -> 37.1,
-    # 80 -> 74.7
+    # fits when reserved + 0.5 <= 0.94 * N: 8 -> 7.02, 12 -> 10.78, 16 -> 14.54, 24 -> 22.06,
+    # 40 -> 37.1, 80 -> 74.7
     got = [check.largest_batch(reserved, n, 0.5, 0.94) for n in (8, 12, 16, 24, 40, 80)]
-    assert got == [(4, True), (8, True), (8, True), (16, True), (32, True), (64, False)]  # 128: unmeasured
+    assert got == [(4, True), (8, True), (8, True), (16, True), (32, True), (64, False)]  # 128: ?
     assert check.largest_batch(reserved, 2, 0.5, 0.94) == (None, True)  # not even B=1 (3.6 > 1.88)
-    assert check.largest_batch({**reserved, 3: 4.0}, 8) == (4, True)  # not a power of two: never an answer
+    assert check.largest_batch({**reserved, 3: 4.0}, 8) == (4, True)  # 3: not a power of two
     assert check.fmt_b((64, False)) == ">= 64" and check.fmt_b((None, True)) == "none"
     assert check.fmt_b((8, True)) == "8"
 
 
 def test_hours_of_the_full_run_from_tok_per_s():
-    # 19,073 x 524,288 = 9,999,745,024 tokens; at 500,000 tok/s: 19,999.49 s = 5.5554 h; 8 GPUs: 0.6944 h
+    # 19,073 x 524,288 = 9,999,745,024 tokens; at 500,000 tok/s: 19,999.49 s = 5.5554 h;
+    # on 8 GPUs: 0.6944 h
     assert check.run_hours(500_000) == pytest.approx(5.55541, abs=1e-4)
     assert check.run_hours(500_000, gpus=8) == pytest.approx(0.694427, abs=1e-5)
-    assert check.run_hours(1.5e6 / 8, gpus=8) == pytest.approx(1.85180, abs=1e-4)  # the lecture's 8 A100s
+    assert check.run_hours(1.5e6 / 8, gpus=8) == pytest.approx(1.85180, abs=1e-4)  # lecture's A100s
 
 
 def test_parsers_read_what_the_parts_print():
-    steps = "\n".join(f"step {n:5d} | loss 10.5 | dt {d:.2f} | tok/s {524288 / d * 1000:.0f} | lr 6e-05"
-                      for n, d in enumerate([30000, 2000, 1200, 1100, 1000, 1150, 1050]))
+    steps = "\n".join(f"step {n:5d} | loss 10.5 | dt {d:.2f} | tok/s {524288 / d * 1000:.0f} | "
+                      "lr 6e-05" for n, d in enumerate([30000, 2000, 1200, 1100, 1000, 1150, 1050]))
     rows = check.parse_steps("noise\n" + steps + "\nvalidation loss: 10.9")
     assert [r["step"] for r in rows] == list(range(7)) and rows[0]["lr"] == 6e-05
     assert check.median_after(rows, "dt") == 1075.0  # steps 3-6: compilation and warm-up left out
     assert check.median_after(rows[:2], "dt") == statistics.median([30000, 2000])  # too few: all
-    memory = ("| eager | 1 | 2.500 | 2.750 | 1.2 | 0.100 |\n| compile | 2 | 3.000 | 3.250 | 40.1 | 0.200 |\n"
-              "OOM eager: B=256: CUDA out of memory\ncontext: 0.61 GiB in use outside PyTorch's caching allocator")
+    memory = ("| eager | 1 | 2.500 | 2.750 | 1.2 | 0.100 |\n"
+              "| compile | 2 | 3.000 | 3.250 | 40.1 | 0.200 |\n"
+              "OOM eager: B=256: CUDA out of memory\n"
+              "context: 0.61 GiB in use outside PyTorch's caching allocator")
     rows, stops, context = check.parse_memory(memory)
     assert rows == {"eager": {1: (2.5, 2.75, 1.2)}, "compile": {2: (3.0, 3.25, 40.1)}}
     assert stops == ["OOM eager: B=256: CUDA out of memory"] and context == 0.61
-    out = "F.s\nFAILED tests/test_gpu.py::test_a[x] - assert 0\n=== 1 failed, 1 passed, 1 skipped in 9.01s ==="
+    out = ("F.s\nFAILED tests/test_gpu.py::test_a[x] - assert 0\n"
+           "=== 1 failed, 1 passed, 1 skipped in 9.01s ===")
     assert check.parse_pytest(out) == ("1 failed, 1 passed, 1 skipped in 9.01s",
-                                       {"failed": 1, "passed": 1, "skipped": 1}, ["tests/test_gpu.py::test_a[x]"])
-    # `pytest -v` lines, plain and under pytest-xdist: what a run stopped before its summary measured
+                                       {"failed": 1, "passed": 1, "skipped": 1},
+                                       ["tests/test_gpu.py::test_a[x]"])
+    # `pytest -v` lines, plain and under pytest-xdist: what a run stopped before its summary did
     progress = ("tests/test_gpu.py::test_a[1_gpt2_hf_eval] PASSED          [  5%]\n"
-                "[gw1] [ 11%] FAILED tests/test_gpu.py::test_b[7_train_ddp_fineweb] \n"
+                "[gw1] [ 11%] FAILED tests/test_gpu.py::test_b[7_train] \n"
                 "[gw0] [ 17%] SKIPPED tests/test_gpu.py::test_c \n"
-                "FAILED tests/test_gpu.py::test_b[7_train_ddp_fineweb] - assert 0")  # -rf repeats it
+                "FAILED tests/test_gpu.py::test_b[7_train] - assert 0")  # -rf repeats it
     assert check.parse_progress(progress) == {"tests/test_gpu.py::test_a[1_gpt2_hf_eval]": "PASSED",
-                                              "tests/test_gpu.py::test_b[7_train_ddp_fineweb]": "FAILED",
+                                              "tests/test_gpu.py::test_b[7_train]": "FAILED",
                                               "tests/test_gpu.py::test_c": "SKIPPED"}
 
 
 def test_stage7_takes_the_lectures_batch_where_it_fits():
     def session(gib):
-        return SimpleNamespace(args=SimpleNamespace(stage7_batch=None), full=True, device="cuda", gib=gib)
+        return SimpleNamespace(args=SimpleNamespace(stage7_batch=None), full=True, device="cuda",
+                               gib=gib)
     # docs/hardware.md's estimate, 2.5 GB + 0.85 GB per sequence, against 0.9 of the GPU
     assert check.Check.stage7_batch(session(139.8))[0] == 64  # never more than the lecture's 64
     assert check.Check.stage7_batch(session(79.1))[0] == 64  # an H100: 56.9 GB <= 76.4
@@ -146,7 +152,7 @@ def test_every_gpu_test_lives_in_the_file_the_check_runs():
     assert (ROOT / check.GPU_TESTS).is_file() and others == []
 
 
-# ---------------------------------------------------------------------------- the scheduler, in process
+# ------------------------------------------------------------------------ the scheduler, in process
 
 
 def fake_check(tmp_path, *argv, device="cuda", info=None):
@@ -191,18 +197,19 @@ def test_parts_run_in_order_each_cut_at_its_share_keeping_what_it_measured(tmp_p
     t0 = time.time()
     assert c.main() == 1
     took = time.time() - t0
-    assert [name for name, _ in log] == ["stage7", "speed", "memory", "pytest"]  # what matters most first
+    assert [name for name, _ in log] == ["stage7", "speed", "memory", "pytest"]  # most needed first
     left = budget  # the probe is instant here: the parts share all of it
     for (name, cap), share in zip(log, [check.SHARES[p] for p in check.PARTS]):
-        assert cap == pytest.approx(share * left, abs=0.35), (name, cap)  # each used all of its share
+        assert cap == pytest.approx(share * left, abs=0.35), (name, cap)  # each used all its share
     assert sum(check.SHARES.values()) == pytest.approx(1.0)  # the caps add up to the budget
     assert took < budget + 1.5, took
     head = first_line(c)
-    assert head.startswith("# GPU check on NVIDIA H100 80GB HBM3: NOT COMPLETE: stage7 cut (killed at")
+    assert head.startswith("# GPU check on NVIDIA H100 80GB HBM3: NOT COMPLETE: stage7 cut (killed")
     assert all(f"{p} cut" in head for p in check.PARTS) and "ok:" not in head
     report = (c.out / "report.md").read_text()
     for name in check.PARTS:  # each cut part kept what it had measured
-        assert f"measured {name}" in report and f"measured {name}" in (c.out / check.RAW_FILES[name]).read_text()
+        assert f"measured {name}" in report
+        assert f"measured {name}" in (c.out / check.RAW_FILES[name]).read_text()
 
 
 def test_time_a_part_leaves_goes_to_the_next(tmp_path, monkeypatch):
@@ -214,7 +221,7 @@ def test_time_a_part_leaves_goes_to_the_next(tmp_path, monkeypatch):
         setattr(c, name, slow_part(c, log, name))
     c.main()
     s = check.SHARES
-    assert log[1][1] == pytest.approx(2 * (s["stage7"] + s["speed"]), abs=0.3)  # its share and stage7's
+    assert log[1][1] == pytest.approx(2 * (s["stage7"] + s["speed"]), abs=0.3)  # + stage7's share
     assert "stage7 cut" not in first_line(c) and "complete: stage7" in first_line(c)
 
 
@@ -237,8 +244,8 @@ def test_no_budget_left_skips_each_part_with_a_line(tmp_path):
     assert c.main() == 1
     report = (c.out / "report.md").read_text()
     assert report.count("skipped: 0 s of --budget-s 0 left") == 4
-    assert first_line(c).endswith("NOT COMPLETE: stage7 skipped (0 s left); speed skipped (0 s left); "
-                                  "memory skipped (0 s left); pytest skipped (0 s left)")
+    assert first_line(c).endswith("NOT COMPLETE: stage7 skipped (0 s left); speed skipped (0 s "
+                                  "left); memory skipped (0 s left); pytest skipped (0 s left)")
     assert sorted(p.name for p in c.out.iterdir()) == ["report.md", "versions.txt"]
 
 
@@ -250,7 +257,8 @@ def test_missing_bpe_files_are_one_line_and_skip_stage7(tmp_path, capsys):
     assert c.main() == 1
     assert check.BPE_ERROR in capsys.readouterr().err.splitlines()
     report = (c.out / "report.md").read_text()
-    assert f"skipped: {check.BPE_ERROR}" in report and figures(report)["stage7"] == "skipped (BPE files)"
+    assert f"skipped: {check.BPE_ERROR}" in report
+    assert figures(report)["stage7"] == "skipped (BPE files)"
     assert ran == ["speed", "memory", "pytest"]
     assert "stage7 skipped (GPT-2's BPE files missing)" in first_line(c)
 
@@ -277,8 +285,9 @@ def test_ctrl_c_stops_the_part_and_still_writes_the_report(tmp_path, capsys):
     with pytest.raises(ProcessLookupError):  # the part's subprocess was ended with it
         os.kill(children[0], 0)
     report = (c.out / "report.md").read_text()
-    assert first_line(c).startswith("# GPU check on NVIDIA H100 80GB HBM3: STOPPED by Ctrl-C during "
-                                    "speed: speed cut (stopped (Ctrl-C)); memory not run yet; pytest not run")
+    assert first_line(c).startswith("# GPU check on NVIDIA H100 80GB HBM3: STOPPED by Ctrl-C "
+                                    "during speed: speed cut (stopped (Ctrl-C)); memory not run "
+                                    "yet; pytest not run yet; complete: stage7")
     assert "stage 7 measured" in report and "two rows timed" in report
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
@@ -296,7 +305,8 @@ def test_a_second_ctrl_c_stops_at_once_with_the_report(tmp_path, capsys):
     c.speed = speed
     assert c.main() == 130
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "stopped by Ctrl-C during speed" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert "stopped by Ctrl-C during speed" in err.strip().splitlines()[-1]
     assert "STOPPED by Ctrl-C during speed" in first_line(c)
     assert "stage 7 measured" in (c.out / "report.md").read_text()
 
@@ -351,18 +361,22 @@ def test_stage7_halves_b_until_it_fits(tmp_path):
 
 def test_stage7_cut_at_its_cap_reports_the_steps_it_measured(tmp_path):
     c = ready(tmp_path)
-    fake_run(c, lambda cmd: ("wrote", 0) if "make_bench_shards.py" in cmd[1] else (steps_text(7), None))
+    fake_run(c, lambda cmd: ("wrote", 0) if "make_bench_shards.py" in cmd[1] else
+             (steps_text(7), None))
     result = c.stage7(None)
     assert result.state == "cut" and result.note == "killed at its 100 s limit after 7 of 12 steps"
-    assert "tok/s, median of steps 3-6" in result.body and "full run hours, this device" in dict(result.figures)
+    assert "tok/s, median of steps 3-6" in result.body
+    assert "full run hours, this device" in dict(result.figures)
 
 
 def test_speed_cut_by_its_deadline_names_the_rows_not_timed(tmp_path):
     c = ready(tmp_path)
-    table = ("warm-up 4_ fp32 eager: 3.1 s\npast --deadline-s 125 (the next warm-up would take ~60 s): not "
-             "timed: + vocab 50304 (= 5_), 6_ recipe, fused AdamW\n\n124M, B=16, T=1024\n"
-             "| variant | ms/step | tok/s | vs 4_ | MFU | compile s |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
-             "| 4_ fp32 eager | 300.0 | 54,613 | 1.00x | - | - |\n| + TF32 | 100.0 | 163,840 | 3.00x | 10.0% | - |")
+    table = ("warm-up 4_ fp32 eager: 3.1 s\npast --deadline-s 125 (the next warm-up would take "
+             "~60 s): not timed: + vocab 50304 (= 5_), 6_ recipe, fused AdamW\n\n"
+             "124M, B=16, T=1024\n| variant | ms/step | tok/s | vs 4_ | MFU | compile s |\n"
+             "| --- | ---: | ---: | ---: | ---: | ---: |\n"
+             "| 4_ fp32 eager | 300.0 | 54,613 | 1.00x | - | - |\n"
+             "| + TF32 | 100.0 | 163,840 | 3.00x | 10.0% | - |")
     fake_run(c, lambda cmd: (table, 0))
     result = c.speed(None)
     assert result.state == "cut"
@@ -375,7 +389,8 @@ def test_speed_cut_by_its_deadline_names_the_rows_not_timed(tmp_path):
 
 def test_memory_cut_keeps_its_rows(tmp_path):
     c = ready(tmp_path)
-    rows = "| eager | 2 | 3.000 | 3.250 | 1.0 | 0.200 |\n| eager | 4 | 4.500 | 4.750 | 1.0 | 0.300 |"
+    rows = ("| eager | 2 | 3.000 | 3.250 | 1.0 | 0.200 |\n"
+            "| eager | 4 | 4.500 | 4.750 | 1.0 | 0.300 |")
     calls = fake_run(c, lambda cmd: (rows, None))
     result = c.memory(None)
     assert "--min-batch" in calls[0] and result.state == "cut"
@@ -385,7 +400,8 @@ def test_memory_cut_keeps_its_rows(tmp_path):
 
 def test_pytest_cut_reports_the_tests_done_so_far(tmp_path):
     c = ready(tmp_path)
-    out = ("[gw0] [ 10%] PASSED tests/test_gpu.py::test_a \n[gw1] [ 20%] PASSED tests/test_gpu.py::test_b \n"
+    out = ("[gw0] [ 10%] PASSED tests/test_gpu.py::test_a \n"
+           "[gw1] [ 20%] PASSED tests/test_gpu.py::test_b \n"
            "[gw2] [ 30%] FAILED tests/test_gpu.py::test_c ")
     calls = fake_run(c, lambda cmd: (out, None))
     result = c.pytest(None)
@@ -414,7 +430,8 @@ def test_out_that_is_a_file_or_cannot_be_written_is_one_line_before_any_work(tmp
     else:
         pytest.skip("no folder here that this user cannot write to")
     line = main_error(check, ["--out", read_only])
-    assert line.startswith(f"error: --out {read_only}: cannot write there (") and "pass a folder" in line
+    assert line.startswith(f"error: --out {read_only}: cannot write there (")
+    assert "pass a folder" in line
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "report.md").write_text("an earlier check")
@@ -438,7 +455,8 @@ def test_a_bad_flag_is_one_line(argv, needle):
 
 
 def test_numbers_in_any_float_spelling_are_taken():
-    args = check.parse_args(["--budget-s", "1e3", "--peak-tflops", "9.89e2", "--parts", "memory,stage7"])
+    args = check.parse_args(["--budget-s", "1e3", "--peak-tflops", "9.89e2",
+                             "--parts", "memory,stage7"])
     assert args.budget_s == 1000.0 and args.peak_tflops == 989.0
     assert args.parts == ["stage7", "memory"]  # always in the order of PARTS
 
@@ -447,7 +465,7 @@ def test_numbers_in_any_float_spelling_are_taken():
 
 
 def test_the_gpu_run_instructions_match_the_code():
-    """docs/hardware.md and benchmarks/README.md give the same command, budget and order as the code."""
+    """docs/hardware.md and benchmarks/README.md give the code's command, budget and order."""
     readme = (ROOT / "benchmarks" / "README.md").read_text()
     hardware = (ROOT / "docs" / "hardware.md").read_text()
     section = readme.split("## The GPU check", 1)[1].split("\n## ", 1)[0]
@@ -459,27 +477,27 @@ def test_the_gpu_run_instructions_match_the_code():
     assert f"`--budget-s`, {check.BUDGET_S} by default" in section
 
 
-# ---------------------------------------------------------------------------- the real thing, on the CPU
+# -------------------------------------------------------------------- the real thing, on the CPU
 
 
 @pytest.mark.slow
 def test_cpu_rehearsal_writes_every_section_figure_and_raw_file(tmp_path):
-    """The whole sequence on the CPU with a tiny model, each part in its subprocess, as a GPU session
-    runs it; the report's figures agree with the raw step lines."""
+    """The whole sequence on the CPU with a tiny model, each part in its subprocess, as a GPU
+    session runs it; the report's figures agree with the raw step lines."""
     out = tmp_path / "gc"
     proc = run_script("gpu_check", "--out", out, "--peak-tflops", "0.5", cmd=GPU_CHECK, timeout=600,
                       env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["memory.txt", "pytest.txt", "report.md", "speed.txt", "stage7.txt", "stage7_log.txt",
-                     "versions.txt"]  # the device tool returns at most 8 files
+    assert files == ["memory.txt", "pytest.txt", "report.md", "speed.txt", "stage7.txt",
+                     "stage7_log.txt", "versions.txt"]  # the device tool returns at most 8 files
     report = (out / "report.md").read_text()
     assert report.splitlines()[0] == "# GPU check on CPU (rehearsal): ok: all 4 parts complete " \
                                      "(stage7, speed, memory, pytest)"
     sections = ["## versions", "## Stage 7 at the full-run setting", "### The full run",
                 "## The lecture's speed table", "## Memory by -B", "### Largest -B by GPU memory",
                 "## pytest -m gpu", "## Figures"]
-    assert [report.index(s) for s in sections] == sorted(report.index(s) for s in sections)  # in order
+    assert [report.index(s) for s in sections] == sorted(report.index(s) for s in sections)
     assert "CPU rehearsal" in report
     fig = figures(report)
     assert "skipped" in fig["pytest -m gpu, every gpu test (no CUDA: all skip)"]
