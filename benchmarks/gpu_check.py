@@ -871,9 +871,8 @@ class Check:
         one stops at once (still with one line)."""
         if self.stop_signal:
             raise KeyboardInterrupt
+        # no print here: the signal may come in the middle of one (a reentrant write fails)
         self.stop_signal = SIGNAL_NAMES.get(signum, f"signal {signum}")
-        self.say(f"{self.stop_signal}: stopping {self.running or 'the check'}; the report of what "
-                 "was measured follows (Ctrl-C again stops at once)")
 
     def main(self):
         handlers = {s: signal.signal(s, self.on_signal) for s in SIGNAL_NAMES}
@@ -973,6 +972,9 @@ class Check:
                             result.body, figures)
             self.say(f"{part}: {result.state}" + (f" ({result.note})" if result.note else "")
                      + f" in {seconds:.0f} s")
+            if self.stop_signal:
+                self.say(f"{self.stop_signal}: writing the report of what was measured (Ctrl-C "
+                         "again stops at once)")
             if not self.stop_signal:
                 self.running = None
 
