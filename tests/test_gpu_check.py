@@ -21,8 +21,10 @@ check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(check)
 mfu = sys.modules["mfu"]  # benchmarks/mfu.py, which gpu_check imports
 GPU_CHECK = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")]
-H100 = {"gpu": "NVIDIA H100 80GB HBM3", "memory_gib": 79.1, "peak_tflops": 989.0, "bpe": True,
-        "torch": "2.11.0", "cpus": 16, "xdist": True, "pytest_timeout": True}
+PROBED = {"python": "3.12.3", "torch": "2.11.0+cu130", "cuda": "13.0", "machine": "x86_64",
+          "cpus": 16, "bpe": True, "xdist": True, "pytest_timeout": True}  # some of the probe's keys
+H100 = dict(PROBED, gpu="NVIDIA H100 80GB HBM3", gpu_count=1, memory_gib=79.1, capability="9.0",
+            sms=132, bf16_native=True, peak_tflops=989.0, peak_key="H100")
 
 
 def figures(report):
@@ -161,7 +163,7 @@ def fake_check(tmp_path, *argv, device="cuda", info=None):
     c = check.Check(args, list(map(str, argv)))
 
     def versions():
-        c.info, c.device = dict(H100 if device == "cuda" else {"bpe": True}, **(info or {})), device
+        c.info, c.device = dict(H100 if device == "cuda" else PROBED, **(info or {})), device
         c.set_device()
         c.versions_run = SimpleNamespace(seconds=0.0)
         path = c.tmp / "versions.txt"
@@ -169,7 +171,6 @@ def fake_check(tmp_path, *argv, device="cuda", info=None):
         return path
 
     c.versions = versions
-    c.versions_section = lambda: ("a fake probe", [])
     return c
 
 
@@ -232,6 +233,8 @@ def test_ok_only_when_every_part_is_complete(tmp_path):
     assert c.main() == 0
     assert first_line(c) == "# GPU check on NVIDIA H100 80GB HBM3: ok: all 4 parts complete " \
                             "(stage7, speed, memory, pytest)"
+    assert "- GPU: NVIDIA H100 80GB HBM3 (1 visible), 79.1 GiB, compute capability 9.0, 132 SMs, " \
+           "native bf16: yes" in (c.out / "report.md").read_text()
     c = fake_check(tmp_path / "subset", "--budget-s", 100, "--parts", "stage7")
     c.stage7 = lambda raw: check.outcome("fine")
     assert c.main() == 0  # what was asked for is complete; the line still says what was not run
