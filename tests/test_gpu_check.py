@@ -22,7 +22,7 @@ spec.loader.exec_module(check)
 mfu = sys.modules["mfu"]  # benchmarks/mfu.py, which gpu_check imports
 GPU_CHECK = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")]
 PROBED = {"python": "3.12.3", "torch": "2.11.0+cu130", "cuda": "13.0", "machine": "x86_64",
-          "cpus": 16, "bpe": True, "xdist": True, "pytest_timeout": True}  # some of the probe's keys
+          "cpus": 16, "bpe": True, "xdist": True, "pytest_timeout": True}  # the probe says more
 H100 = dict(PROBED, gpu="NVIDIA H100 80GB HBM3", gpu_count=1, memory_gib=79.1, capability="9.0",
             sms=132, bf16_native=True, peak_tflops=989.0, peak_key="H100")
 
