@@ -475,8 +475,10 @@ class Check:
             head = f"STOPPED by {self.stop_signal} during {self.running or 'the check'}: "
         elif not self.finished:
             head = "NOT FINISHED (still running, or killed before its end): "
-        elif bad or missing:
+        elif bad:
             head = "NOT COMPLETE: "
+        elif missing:  # complete, but not every part was asked for
+            head = "PARTIAL: "
         else:
             return f"ok: all {len(PARTS)} parts complete ({', '.join(PARTS)})"
         rest = bad + ([f"not requested (--parts): {', '.join(missing)}"] if missing else [])

@@ -238,7 +238,7 @@ def test_ok_only_when_every_part_is_complete(tmp_path):
     c = fake_check(tmp_path / "subset", "--budget-s", 100, "--parts", "stage7")
     c.stage7 = lambda raw: check.outcome("fine")
     assert c.main() == 0  # what was asked for is complete; the line still says what was not run
-    assert first_line(c).endswith(": NOT COMPLETE: not requested (--parts): speed, memory, pytest; "
+    assert first_line(c).endswith(": PARTIAL: not requested (--parts): speed, memory, pytest; "
                                   "complete: stage7")
 
 
@@ -478,6 +478,8 @@ def test_the_gpu_run_instructions_match_the_code():
         assert "python benchmarks/gpu_check.py" in text
         assert f"{check.BUDGET_S // 60} minutes" in text
     assert f"`--budget-s`, {check.BUDGET_S} by default" in section
+    shares = " / ".join(f"{v * 100:.0f}" for v in check.SHARES.values())
+    assert f"its share of the budget ({shares} % of" in section
 
 
 # -------------------------------------------------------------------- the real thing, on the CPU
