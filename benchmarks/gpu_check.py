@@ -884,10 +884,10 @@ class Check:
         except KeyboardInterrupt:  # a second Ctrl-C
             self.stop_signal = self.stop_signal or "Ctrl-C"
             code = self.end()
-        except OSError as e:  # the report's folder became unwritable (disk full, removed)
-            where = self.out or "the report's folder"
-            print(f"error: could not write to {where}: {e.strerror or e}; the report so far "
-                  "follows on stdout", file=sys.stderr)
+        except OSError as e:  # the report's folder became unwritable (disk full, removed), say
+            where = f" ({e.filename})" if e.filename else ""
+            print(f"error: {e.strerror or e}{where}; the report so far follows on stdout",
+                  file=sys.stderr)
             if self.report:
                 print(self.report.text())
             code = 1

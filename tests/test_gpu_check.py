@@ -314,6 +314,22 @@ def test_a_second_ctrl_c_stops_at_once_with_the_report(tmp_path, capsys):
     assert "stage 7 measured" in (c.out / "report.md").read_text()
 
 
+def test_a_report_folder_gone_mid_run_is_one_line_and_the_report_on_stdout(tmp_path, capsys):
+    c = fake_check(tmp_path, "--budget-s", 100)
+
+    def stage7(raw):
+        import shutil
+        shutil.rmtree(c.out)  # or a full disk: report.md cannot be written any more
+        return check.outcome("stage 7 measured", [("stage 7 tok/s", "123")])
+
+    c.stage7 = stage7
+    assert c.main() == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: No such file or directory (")
+    assert "stage 7 measured" in out and "| stage 7 tok/s | 123 |" in out  # nothing lost
+
+
 # ---------------------------------------------------------------------------- the parts' outcomes
 
 
