@@ -496,6 +496,7 @@ def test_the_gpu_run_instructions_match_the_code():
         assert "python benchmarks/gpu_check.py" in text
         assert f"{check.BUDGET_S // 60} minutes" in text
     assert f"`--budget-s`, {check.BUDGET_S} by default" in section
+    assert f"{check.STEPS['gpu']} steps" in section
     shares = " / ".join(f"{v * 100:.0f}" for v in check.SHARES.values())
     assert f"its share of the budget ({shares} % of" in section
 
