@@ -102,10 +102,11 @@ def train_step(step_model, model, optimizer, x, y, device_type, dtype, meter, mi
     getattr(torch, device_type).synchronize()
 
 
-def batches(max_batch, compiled):
-    """1, 2, 4, ... up to max_batch; compiled, B=1 goes last (its own specialised compilation)."""
-    bs = [2**i for i in range(max_batch.bit_length()) if 2**i <= max_batch]
-    return bs[1:] + bs[:1] if compiled else bs
+def batches(max_batch, compiled, min_batch=1):
+    """1, 2, 4, ... up to max_batch (from min_batch); compiled, B=1 goes last (its own specialised
+    compilation)."""
+    bs = [2**i for i in range(max_batch.bit_length()) if min_batch <= 2**i <= max_batch]
+    return bs[1:] + bs[:1] if compiled and bs[:1] == [1] else bs
 
 
 def sweep(mode, args, device, device_type, dtype, limit, t_start):
@@ -120,7 +121,7 @@ def sweep(mode, args, device, device_type, dtype, limit, t_start):
     step_model = torch.compile(model) if compiled else model
     meter = Meter(device_type)
     rows, stopped = [], False
-    for B in batches(args.max_batch, compiled):
+    for B in batches(args.max_batch, compiled, args.min_batch):
         if stopped and B != 1:  # compiled, B=1 comes last and is still measured after a stop
             continue
         if args.deadline_s and time.time() - t_start > args.deadline_s:
@@ -181,6 +182,8 @@ def main(argv=None):
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)
     parser.add_argument("--max-batch", type=int, default=512, help="524,288 / 1024: the largest -B the full run takes")
+    parser.add_argument("--min-batch", type=int, default=1,
+                        help="the smallest -B tried (B=1 compiled is a compilation of its own)")
     parser.add_argument("--modes", default=None, help="eager,compile (default on CUDA; eager elsewhere)")
     parser.add_argument("--micro-steps", type=int, default=2, help="accumulated per optimisation step")
     parser.add_argument("--memory-fraction", type=float, default=0.95,

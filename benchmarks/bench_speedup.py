@@ -64,6 +64,13 @@ def make_variant(name, module, vocab, tf32, bf16, compile_, recipe, device, devi
             "times": []}
 
 
+def expected_warmup(variants, compiled, compile_guess_s):
+    """Seconds the next variant's warm-up is expected to take: as long as the slowest warm-up so
+    far of its kind (compiled or eager); the first compiled one, compile_guess_s; eager, 0."""
+    same = [v["warmup_s"] for v in variants if v["compiled"] == compiled]
+    return max(same) if same else compile_guess_s if compiled else 0.0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -77,7 +84,11 @@ def main(argv=None):
     parser.add_argument("--n-embd", type=int, default=768)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 peak, for MFU")
     parser.add_argument("--deadline-s", type=float, default=None,
-                        help="warm up no further variant after this many seconds; time those warmed up")
+                        help="start no warm-up that would end after this many seconds (a compiled "
+                        "one is expected to take as long as the last compiled one, or "
+                        "--compile-guess-s); time those warmed up")
+    parser.add_argument("--compile-guess-s", type=float, default=60,
+                        help="the first compiled warm-up's expected seconds, for --deadline-s")
     args = parser.parse_args(argv)
     t_start = time.time()
     device = stage5.pick_device(args.device)
@@ -111,9 +122,11 @@ def main(argv=None):
 
     variants = []
     for spec in specs:
-        if args.deadline_s and time.time() - t_start > args.deadline_s:
+        expected = expected_warmup(variants, spec[5], args.compile_guess_s)
+        if args.deadline_s and time.time() - t_start + expected > args.deadline_s:
             rest = ", ".join(spec[0] for spec in specs[len(variants):])
-            print(f"past --deadline-s {args.deadline_s:.0f}: not timed: {rest}")
+            print(f"past --deadline-s {args.deadline_s:.0f} (the next warm-up would take "
+                  f"~{expected:.0f} s): not timed: {rest}")
             break
         v = make_variant(*spec, device=device, device_type=device_type, size=size, half=half)
         t0 = time.time()

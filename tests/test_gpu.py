@@ -2,8 +2,15 @@
 
 Without CUDA every test here is skipped, so the default CPU run is unchanged. Each test runs the
 real scripts on the GPU (bf16 autocast, torch.compile, fused AdamW, flash attention, nccl) with a
-tiny model, so the whole file takes a few minutes, most of it compilation.
+tiny model, so the whole file takes a few minutes, most of it compilation. What a GPU does that a
+CPU does not, and how each test allows for it: the first step (and stage 7's first evaluation)
+compiles, so it takes seconds and its printed MFU rounds to 0.00 (MFU is checked after warm-up);
+TF32 and bf16 change the last bits (logits are compared with plain fp32 matmuls); backward kernels
+add with atomics in no fixed order, which AdamW can amplify (a resumed run's first step is compared
+exactly, later steps with a tolerance); the out-of-memory test fills the GPU (gpu_check runs it
+alone). All of them live here: benchmarks/gpu_check.py collects this file only.
 """
+import statistics
 import sys
 
 import numpy as np
@@ -13,6 +20,7 @@ from conftest import ROOT, SCRIPTS, TINY, load, make_examples, parse_steps, run_
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 NAME = "7_train_ddp_fineweb"
+WARMUP = 3  # steps that compile (step 0) and warm the allocator and autotuner: no speed read there
 
 
 @pytest.fixture
@@ -78,7 +86,10 @@ def test_bf16_compile_trains_on_cuda(name, tmp_path, text_shards):
     if name != SCRIPTS[5]:
         assert "using fused AdamW: True" in out
     if any(chip in torch.cuda.get_device_name() for chip in load(name).PEAK_TFLOPS):  # main's lookup finds it
-        assert all(0 < r["mfu"] < 100 for r in rows), rows
+        mfu = [r.get("mfu") for r in rows]
+        assert all(m is not None and 0 <= m < 100 for m in mfu), rows  # every step, never over 100
+        # step 0 compiles (seconds: a tiny model prints mfu 0.00 there); after warm-up it is above 0
+        assert statistics.median(mfu[WARMUP:]) > 0, rows
     assert_trains(rows)
 
 
@@ -99,7 +110,12 @@ def test_stage7_torchrun_one_gpu_uses_nccl(tmp_path, text_shards):
 
 
 def test_exact_resume_on_cuda(tmp_path, text_shards):
-    """float32 eager; the embedding backward's atomics make CUDA sums order-dependent, hence rel 1e-4."""
+    """float32 eager (TF32 matmuls, as stage 7 sets them). The resumed run's first step is the
+    restored weights' forward on the restored batch: deterministic kernels, so it equals the
+    straight run's. Later steps differ in the last bits: CUDA backward kernels (the memory-efficient
+    attention's, the embeddings') add with atomics in no fixed order, and AdamW's division by
+    sqrt(v) can turn such a difference in a near-zero gradient into a full-size step. rel 1e-3
+    (about 0.008 in these losses) allows that; a wrong batch (another text: ~0.1 apart) fails it."""
     full, half = tmp_path / "full", tmp_path / "half"
     common = ("--dtype", "float32", "--no-compile", "--checkpoint-every", "15")
     _, rows = train(NAME, text_shards, full, *common)
@@ -107,8 +123,9 @@ def test_exact_resume_on_cuda(tmp_path, text_shards):
     (half / "model_00015.pt").write_bytes((full / "model_00015.pt").read_bytes())
     _, resumed = train(NAME, text_shards, half, *common, "--resume")
     assert [r["step"] for r in resumed] == list(range(15, 30))
+    assert resumed[0]["loss"] == pytest.approx(rows[15]["loss"], rel=1e-6, abs=0)
     for a, b in zip(rows[15:], resumed):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
 
 
 def test_hellaswag_batched_equals_one_at_a_time_on_cuda(hf_dir, fp32_matmuls):
