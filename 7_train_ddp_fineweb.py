@@ -5,7 +5,7 @@ GPT-3, FineWeb (EDU)", "validation data split, validation loss, sampling revive"
 HellaSwag, starting the run"):
 - DDP under torchrun (nccl on CUDA where torch has it, gloo otherwise), on one machine or several;
   plain `python 7_...` runs one process
-- DataLoaderLite reads fineweb.py's uint16 shards, memory-mapped; a step's micro-batches are
+- DataLoaderLite reads fineweb.py's uint16 shards, each whole as uint16; a step's micro-batches are
   dealt round-robin to the ranks; train shards are visited in a seeded order, new each epoch
 - every --eval-every steps: val loss on the val shard's first --val-tokens tokens, dealt across the
   ranks (so 1 GPU and 8 report the same figure; the lecture's 8-GPU 10,485,760 by default),
