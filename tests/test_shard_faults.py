@@ -90,7 +90,7 @@ loader.next_batch()
 path = loader.shards[loader.order[loader.shard]]
 os.truncate(path, 0)  # cut short in place while the run reads it
 try:
-    for _ in range(200):  # past the end of the epoch: the shard is opened again
+    for _ in range(400):  # past the end of the epoch (136 batches): the shard is opened again
         loader.next_batch()
 except m.ShardError as e:
     print(f"error: {{e}}")
