@@ -5,7 +5,7 @@ GPT-3, FineWeb (EDU)", "validation data split, validation loss, sampling revive"
 HellaSwag, starting the run"):
 - DDP under torchrun (nccl on CUDA where torch has it, gloo otherwise), on one machine or several;
   plain `python 7_...` runs one process
-- DataLoaderLite reads fineweb.py's uint16 shards, memory-mapped; a step's micro-batches are
+- DataLoaderLite reads fineweb.py's uint16 shards, each whole as uint16; a step's micro-batches are
   dealt round-robin to the ranks; train shards are visited in a seeded order, new each epoch
 - every --eval-every steps: val loss on the val shard's first --val-tokens tokens, dealt across the
   ranks (so 1 GPU and 8 report the same figure; the lecture's 8-GPU 10,485,760 by default),
@@ -51,7 +51,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from hellaswag import HellaSwagError, evaluate, iterate_examples
 from checkpoints import (RESUME_MAY_CHANGE, checkpoint_state, load_checkpoint, restore, resume_hint, run_record,
                          save_checkpoint)
-from longrun import Log, StopSignals, close_run, init_process_group, lost_rank, open_log_dir, stop_all_on
+from longrun import (Log, ShardError, StopSignals, close_run, init_process_group, lost_rank,
+                     note_skipped_tokens, open_log_dir, shard_identity, stop_all_on)
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -212,20 +213,16 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774
 HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the working directory
 
 
-class ShardError(Exception):  # a shard that is not what fineweb.py writes; the message names it
-    pass
-
-
-def load_tokens(path, check_ids=False):
-    """A shard's tokens, memory-mapped: the OS pages in what a batch reads, so a rank never
-    holds a whole 100M-token shard in memory (as int64 that would be 800 MB per rank)."""
+def load_tokens(path, whole=False):
+    """A shard's uint16 tokens: memory-mapped to check its header cheaply, or read whole to train on
+    (200 MB for 100M; the lecture's int64 copy is 800 MB): a file cut short under a map is SIGBUS."""
     try:
-        tokens = np.load(path, mmap_mode="r")
+        tokens = np.load(path, mmap_mode=None if whole else "r")
     except (OSError, ValueError, EOFError) as e:  # empty, cut short, not .npy (numpy 1.x adds " when allow_pickle...")
         raise ShardError(f"{path} is not a shard fineweb.py wrote ({str(e).split('.')[0].split(' when')[0]})") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise ShardError(f"{path} holds {tokens.dtype} {tokens.shape}, not the 1-D uint16 tokens fineweb.py writes")
-    if check_ids and len(tokens) and tokens.max() >= 50257:  # one pass over the shard, each time it is opened
+    if whole and len(tokens) and tokens.max() >= 50257:  # one pass over the shard, each time it is opened
         raise ShardError(f"{path} holds token id {tokens.max()}; GPT-2's ids are below 50257")
     return tokens
 
@@ -245,13 +242,15 @@ class DataLoaderLite:
         self.shuffle = split == "train"
         self.shards = sorted(glob.glob(os.path.join(data_dir, f"edufineweb_{split}_*.npy")))
         if not self.shards:
-            raise ShardError(f"no {split} shards (edufineweb_{split}_*.npy) in {data_dir}; "
-                             "run `python fineweb.py` first, or pass --data-dir")
-        # every shard's header, dtype and size, now (cheap): a damaged one stops the run before it trains
-        self.sizes = {os.path.basename(path): len(load_tokens(path)) for path in self.shards}
-        need = self.step_tokens + 1  # one step's slices, plus the last target
-        if max(self.sizes.values()) < need:
-            raise ShardError(f"every {split} shard in {data_dir} is shorter than one step's {need} tokens")
+            raise ShardError(f"{data_dir} holds no {split} shards (edufineweb_{split}_*.npy)")
+        # each shard's header, size and ends, now (cheap): a damaged one stops the run before it trains
+        self.sizes = {os.path.basename(p): shard_identity(p, load_tokens(p)) for p in self.shards}
+        need = (self.step_tokens if self.shuffle else T) + 1  # a step's slices (val: a row), +1 target
+        if max(n for n, _ in self.sizes.values()) < need:
+            raise ShardError(f"every {split} shard in {data_dir} is shorter than " + (
+                f"one step's {need} tokens" if self.shuffle else f"one row of -T {T} plus a target"))
+        if self.shuffle and rank == 0:  # a step never spans two shards: say if that skips much
+            note_skipped_tokens([n for n, _ in self.sizes.values()], self.step_tokens)
         self.reset()
 
     def shard_order(self, epoch):
@@ -263,15 +262,15 @@ class DataLoaderLite:
         self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
 
     def state_dict(self):  # the shards too: a resumed run reads the very same ones
-        shards = [[os.path.basename(path), self.sizes[os.path.basename(path)]] for path in self.shards]
+        shards = [[os.path.basename(path), *self.sizes[os.path.basename(path)]] for path in self.shards]
         return {"epoch": self.epoch, "shard": self.shard, "position": self.position, "shards": shards}
 
     def load_state_dict(self, state):
         self.epoch, self.shard, self.position = state["epoch"], state["shard"], state["position"]
         if state.get("shards"):  # a checkpoint's own list (checkpoints.other_run checks they are all here)
-            self.shards = [os.path.join(os.path.dirname(self.shards[0]), name) for name, _ in state["shards"]]
+            self.shards = [os.path.join(os.path.dirname(self.shards[0]), name) for name, *_ in state["shards"]]
         self.order = self.shard_order(self.epoch)
-        self.tokens = load_tokens(self.shards[self.order[self.shard]], check_ids=True)
+        self.tokens = load_tokens(self.shards[self.order[self.shard]], whole=True)
 
     def next_batch(self):
         B, T, W = self.B, self.T, self.world_size
@@ -281,7 +280,7 @@ class DataLoaderLite:
             if self.shard == len(self.shards):  # next epoch, in a new order
                 self.epoch, self.shard = self.epoch + 1, 0
                 self.order = self.shard_order(self.epoch)
-            self.tokens = load_tokens(self.shards[self.order[self.shard]], check_ids=True)
+            self.tokens = load_tokens(self.shards[self.order[self.shard]], whole=True)
         start = self.position + self.rank * B * T
         buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
         x = buf[:-1].view(B, T)  # inputs (B, T)

@@ -2,7 +2,7 @@
 the check that --resume continues the very run that wrote it, and restoring its state (docs/long-runs.md).
 
 A checkpoint is the state after n optimisation steps: model, optimizer, grad scaler, data-loader position
-(with the train shards' names and sizes), the CPU RNG, the last val loss, the model config (a plain dict), and
+(with the train shards' names, sizes and digests of their ends), the CPU RNG, the last val loss, the model config (a plain dict), and
 `run`: every setting that decides the run's trajectory. `--resume` continues exactly, so the resumed run's
 losses equal the uninterrupted run's, or names in one line what differs and what to pass. -B, the number of
 ranks, the device and the evaluation, checkpoint and sampling flags may change: the same tokens make each step.
@@ -128,11 +128,17 @@ def other_run(ckpt, path, config, run, shard_sizes):
         now = " ".join(f"{TRAJECTORY_FLAGS[k]} {run[k]}" for k in differ)
         return (f"error: {path} was trained with {was}, this run has {now}; pass {was} to continue it exactly, "
                 "or start anew in another --log-dir")
-    changed = [f"{name} ({size} tokens)" for name, size in ckpt["loader"].get("shards", [])
-               if shard_sizes.get(name) != size]
+    shards = ckpt["loader"].get("shards", [])  # [name, size, digest] ([name, size] before digests)
+    changed = [f"{name} ({size} tokens)" for name, size, *_ in shards
+               if shard_sizes.get(name, [None])[0] != size]
     if changed:
         return (f"error: {path} trained on train shards that are now missing or resized in its --data-dir: "
                 f"{', '.join(changed[:3])}; put them back, or start anew in another --log-dir")
+    other = [name for name, _, *digest in shards if digest and shard_sizes[name][1:] != digest]
+    if other:  # the same names and sizes, other tokens (their first or last MiB differ)
+        return (f"error: {path} trained on other tokens than this --data-dir's train shards of the "
+                f"same names and sizes: {', '.join(other[:3])}; pass the --data-dir it trained on, "
+                "or start anew in another --log-dir")
     return None
 
 
@@ -151,14 +157,17 @@ def restore(ckpt, path, model, optimizer, scaler, loader, steps):
     if ckpt.get("scaler"):  # float16 runs only: a disabled scaler has no state
         scaler.load_state_dict(ckpt["scaler"])
     loader.load_state_dict(ckpt["loader"])  # and with it the checkpoint's own list of train shards
-    added = sorted(set(loader.sizes) - {name for name, _ in ckpt["loader"].get("shards", [])})
+    added = sorted(set(loader.sizes) - {name for name, *_ in ckpt["loader"].get("shards", [])})
     if added and ckpt["loader"].get("shards") and master:
         print(f"--resume: {len(added)} train shard(s) added since the run started ({added[0]}, ...) are not used; "
               f"it goes on with its {len(ckpt['loader']['shards'])}")  # fineweb.py still writing, say
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())  # map_location moved it to the device
     unrecorded = [flag for key, flag in TRAJECTORY_FLAGS.items() if key not in (ckpt.get("run") or {})]
+    if any(len(entry) < 3 for entry in ckpt["loader"].get("shards") or [[]]):  # no digests yet
+        unrecorded.append("the train shards' contents")
     if unrecorded and master:  # written by an older version of stage 7
-        print(f"note: {path} does not record {' '.join(unrecorded)}; pass the values it was trained with")
+        print(f"note: {path} does not record {', '.join(unrecorded)}; pass the values (and the "
+              "--data-dir) it was trained with")
     if master:
         print(f"resuming from {path} after step {ckpt['step'] - 1}")
     return ckpt["step"], ckpt["val_loss"]

@@ -29,7 +29,7 @@ Run:
     python fineweb.py --streaming         # same shards, reading the parquet files as it goes
     python fineweb.py --download          # the tokenised shards instead: ~20 GB, no tokenising
     python fineweb.py --download --max-shards 10   # val + 9 train shards (~2 GB) to start with
-    python fineweb.py --data-files my.jsonl --shard-size 1000000 --out-dir /tmp/shards
+    python fineweb.py --data-files my.jsonl --shard-size 1048577 --out-dir /tmp/shards
 """
 import argparse
 import json

@@ -1,10 +1,12 @@
-"""What keeps stage 7's long run from losing work (docs/long-runs.md), by concern: the process group and
-stopping together, signals, the log dir's lock, and log.txt. Checkpoints are in checkpoints.py.
+"""What keeps stage 7's long run from losing work (docs/long-runs.md), by concern: the process
+group and stopping together, signals, the log dir's lock, log.txt, and the shards' checks.
+Checkpoints are in checkpoints.py.
 
 7_train_ddp_fineweb.py imports these; they are not the lecture's ideas, so they stay out of its diff against
 stage 6, which then shows DDP, FineWeb-Edu shards, validation, HellaSwag and checkpoints. Every function here
 is used by stage 7 alone and tested through it (tests/test_ddp.py, tests/test_longrun.py).
 """
+import hashlib
 import os
 import platform
 import signal
@@ -287,3 +289,44 @@ class Log:
                    f"# model: n_layer {c.n_layer} n_head {c.n_head} n_embd {c.n_embd} ({n_params / 1e6:.1f}M params)"
                    f" | total batch size {total_batch_size} tokens | B {B} T {T}\n"
                    + (f"# resumed at step {resumed_at}\n" if resumed_at is not None else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# the shards' checks (stage 7's loader calls them when the run starts; docs/data.md)
+
+
+class ShardError(Exception):  # a shard that is not what fineweb.py writes; the message names it
+    pass
+
+
+def shard_identity(path, tokens):
+    """[size, digest] of the shard at path (tokens: its memory map, header checked): its size in
+    tokens and a SHA-1 digest of its first and last MiB, so that --resume notices other tokens
+    under the same names and sizes (checkpoints.other_run) for 2 MiB read per shard. Those MiB all
+    zero are a failed conversion (token 0 repeated is never a corpus): ShardError. Plain reads, not
+    the map: a file cut short under a memory map is SIGBUS, under a read a short read."""
+    mib, start, end = 1 << 20, tokens.offset, tokens.offset + tokens.nbytes
+    with open(path, "rb") as f:
+        f.seek(start)
+        head = f.read(min(mib, end - start))
+        f.seek(max(start, end - mib))
+        tail = f.read(min(mib, end - start))
+    zeros = not (np.frombuffer(head, np.uint8).any() or np.frombuffer(tail, np.uint8).any())
+    if len(tokens) and zeros:
+        raise ShardError(f"{path} holds only zeros (token 0 repeated: a failed conversion)")
+    digest = hashlib.sha1(head)  # a fingerprint, not a seal; faster than blake2b here
+    digest.update(tail)
+    return [len(tokens), digest.hexdigest()]
+
+
+def note_skipped_tokens(sizes, step_tokens):
+    """Print a note if an epoch leaves more than 1 % of the train tokens unread. A step never spans
+    two shards (as in the lecture's loader), so each shard's last (size - 1) % step_tokens tokens
+    are skipped: 0.38 % of a 100M-token shard at 524,288 tokens a step (no note), 47.6 % of a
+    1M-token shard."""
+    total, skipped = sum(sizes), sum(max(n - 1, 0) % step_tokens for n in sizes)
+    if skipped > total / 100:
+        print(f"note: each epoch skips {skipped:,} of the {total:,} train tokens "
+              f"({100 * skipped / total:.1f} %): a step of {step_tokens:,} tokens never spans two "
+              "shards, so each shard's tail short of a step is not read; larger shards "
+              "(fineweb.py --shard-size) or a smaller --total-batch-size skip less")

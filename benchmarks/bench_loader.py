@@ -1,5 +1,6 @@
-"""Peak memory of reading one 20M-token shard: stage 7's memory-mapped loader vs loading the whole
-shard as int64 (the lecture's load_tokens: np.load -> int32 -> torch.long).
+"""Peak memory of reading one 20M-token shard: stage 7's loader (the whole shard as uint16, cut into
+int64 batches) vs loading the whole shard as int64 (the lecture's load_tokens: np.load -> int32 ->
+torch.long).
 
 Each variant runs in a fresh Python process that walks the whole shard in (B, T) batches; we
 report the peak resident set size (ru_maxrss) above the same process's RSS after its imports.
@@ -30,7 +31,7 @@ def child(variant, data_dir, B, T):
     n = len(np.load(path, mmap_mode="r"))
     batches = (n - 1) // (B * T)
     checksum = 0
-    if variant == "memmap (ours)":
+    if variant == "uint16, whole (ours)":
         loader = stage7.DataLoaderLite(data_dir, "train", B, T, 0, 1)
         for _ in range(batches):
             x, y = loader.next_batch()
@@ -62,7 +63,7 @@ def main():
         print(f"shard: {args.tokens:,} uint16 tokens = {args.tokens * 2 / 2**20:.0f} MiB on disk; "
               f"as int64: {args.tokens * 8 / 2**20:.0f} MiB")
         results = []
-        for variant in ("memmap (ours)", "whole shard as int64 (lecture)"):
+        for variant in ("uint16, whole (ours)", "whole shard as int64 (lecture)"):
             out = subprocess.run([sys.executable, __file__, "-B", str(args.B), "-T", str(args.T),
                                   "--child", variant, d], capture_output=True, text=True, check=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))

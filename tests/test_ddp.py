@@ -83,9 +83,9 @@ def test_checkpoint_contents(straight):
     assert ckpt["step"] == 6 and ckpt["config"] == {"block_size": 1024, "vocab_size": 50304, "n_layer": 2,
                                                     "n_head": 2, "n_embd": 32}
     assert isinstance(ckpt["val_loss"], float) and set(ckpt["loader"]) == {"epoch", "shard", "position", "shards"}
-    # what makes it this run: the train shards (names, sizes) and every flag that decides the trajectory
-    assert ckpt["loader"]["shards"] == [[f"edufineweb_train_{i:06d}.npy", n] for i, n in
-                                        zip(range(1, 5), [5003, 4099, 6007, 2999])]
+    # what makes it this run: the train shards (name, size, digest) and the flags that decide the run
+    assert [s[:2] for s in ckpt["loader"]["shards"]] == [[f"edufineweb_train_{i:06d}.npy", n] for i, n in
+                                                         zip(range(1, 5), [5003, 4099, 6007, 2999])]
     assert ckpt["run"] == {"seed": 1337, "max_lr": 6e-4, "warmup_steps": 10, "steps": 6, "total_batch_size": 256,
                            "T": 32}
     assert not [k for k in ckpt["model"] if k.startswith(("module.", "_orig_mod."))]
