@@ -385,8 +385,8 @@ def main(argv=None):
     raw_model = model  # sampling's growing lengths would make a compiled model recompile
     if use_compile:
         model = torch.compile(model)  # fuses elementwise ops: fewer trips to GPU memory
-    # MFU, the lecture's yardstick: FLOPs per step / dt / the GPU's peak. 6 FLOPs per weight and token (forward
-    # + backward) plus attention's 12 * n_layer * n_embd * T (PaLM paper, appendix B); wpe is a lookup, no FLOPs
+    # MFU as nanoGPT reports it (the lecture prints tok/s): FLOPs per step / dt / GPU peak. 6 per
+    # weight and token (fwd + bwd) + attention's 12*n_layer*n_embd*T (PaLM, app. B); wpe: a lookup
     n_params = sum(p.numel() for p in raw_model.parameters()) - raw_model.transformer.wpe.weight.numel()
     flops_step = (6 * n_params + 12 * config.n_layer * config.n_embd * T) * total_batch_size
     gpu = torch.cuda.get_device_name(device) if device_type == "cuda" and dtype != torch.float32 else ""

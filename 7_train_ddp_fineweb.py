@@ -8,9 +8,9 @@ HellaSwag, starting the run"):
 - DataLoaderLite reads fineweb.py's uint16 shards, each whole as uint16; a step's micro-batches are
   dealt round-robin to the ranks; train shards are visited in a seeded order, new each epoch
 - every --eval-every steps: val loss on the val shard's first --val-tokens tokens, dealt across the
-  ranks (so 1 GPU and 8 report the same figure; the lecture's 8-GPU 10,485,760 by default),
-  HellaSwag acc_norm on all ranks' share of the examples, samples from the model (all of it works
-  with torch.compile on)
+  ranks (so 1 GPU and 8 report the same figure; the lecture's 8-GPU 10,485,760 by default), through
+  the compiled model; HellaSwag acc_norm on all ranks' share of the examples and samples from rank
+  0, both through the uncompiled module (their growing lengths would recompile)
 - {log-dir}/log.txt (header: command, versions, device, model size, batch; plot_log.py draws it)
   and checkpoints model_{n:05d}.pt that --resume continues from exactly (checkpoints.py; export_hf.py
   and hellaswag.py -m read them)
@@ -24,6 +24,17 @@ HellaSwag, starting the run"):
   run, a rank that died, a damaged shard or checkpoint, a failed write: one line, nothing deleted; a
   run whose last checkpoint could not be written does not exit 0
 - defaults: the lecture's 10B-token run (B=64, T=1024, 19,073 steps, warmup 715); small on CPU
+
+Where it differs from the lecture's script (build-nanogpt's train_gpt2.py), and why:
+- compile: the lecture's run has it off (it broke HellaSwag and sampling); here training and val
+  loss compile, HellaSwag and sampling use the uncompiled module
+- samples: rank 0 only, 5 x 30 tokens from --seed (the lecture: every rank 4 x 32, seed 42 + rank)
+- HellaSwag scores the 50,257 real logits, as hellaswag.py -m does (the lecture: all 50,304)
+- val loss: --val-tokens dealt across the ranks (the lecture: 20 batches on each rank, a figure that
+  changes with the number of GPUs); dt times the step alone (the lecture's includes evaluation)
+- train shards: each epoch in a seeded order (the lecture: name order), read as uint16
+- checkpoints: also optimizer, loader position, RNG and what makes the run the same run, so
+  --resume continues exactly (the lecture saves model, config, step and val loss; no resume)
 
 Run:   python fineweb.py --download                               (~10B tokens in 100 shards)
        torchrun --standalone --nproc_per_node=8 7_train_ddp_fineweb.py
@@ -572,8 +583,8 @@ def main(argv=None):
         model = torch.compile(model)  # fuses elementwise ops: fewer trips to GPU memory
     if ddp:  # each backward all-reduces (averages) the gradients across ranks
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
-    # MFU, the lecture's yardstick: FLOPs per step / dt / the GPU's peak. 6 FLOPs per weight and token (forward
-    # + backward) plus attention's 12 * n_layer * n_embd * T (PaLM paper, appendix B); wpe is a lookup, no FLOPs
+    # MFU as nanoGPT reports it (the lecture prints tok/s): FLOPs per step / dt / GPU peak. 6 per
+    # weight and token (fwd + bwd) + attention's 12*n_layer*n_embd*T (PaLM, app. B); wpe: a lookup
     n_params = sum(p.numel() for p in raw_model.parameters()) - raw_model.transformer.wpe.weight.numel()
     flops_step = (6 * n_params + 12 * config.n_layer * config.n_embd * T) * total_batch_size
     gpu = torch.cuda.get_device_name(device) if device_type == "cuda" and dtype != torch.float32 else ""

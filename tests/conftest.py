@@ -43,6 +43,18 @@ def pytest_configure(config):
                             "`python -m pytest -m \"not slow\"` leaves it out")
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers_put_back():
+    """A stage-7 main() called in this process installs its signal handlers, and one that stops with an
+    error (sys.exit) leaves them: after each test, the handlers are what they were before it."""
+    import signal
+    names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    before = {getattr(signal, n): signal.getsignal(getattr(signal, n)) for n in names}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
 def child_env(**extra):
     """The environment of a subprocess a test starts: unbuffered output, and one thread per process.
     A tiny model gains nothing from a second thread, and on a busy 2-core machine the threads of two
@@ -81,14 +93,11 @@ def run_script(name, *args, env=None, timeout=600, cmd=None):
 def run_here(module, *args):
     """main(ARGS) of a numbered script or tool (a module or its name) in this process, as run_script runs
     it in a subprocess: a CompletedProcess with the exit code, stdout and stderr (sys.exit's message last,
-    as Python prints it). The signal handlers a run installs are put back even if it does not. Not for a run
-    that forks workers (fineweb.py --workers 2): a fork of this process, whose other threads may hold a lock
-    at that instant, can hang; run_script starts such a run in a fresh interpreter."""
+    as Python prints it). Not for a run that forks workers (fineweb.py --workers 2): a fork of this process,
+    whose other threads may hold a lock at that instant, can hang; run_script starts it in a fresh one."""
     import io
-    import signal
     from contextlib import redirect_stderr, redirect_stdout
     module = load(module) if isinstance(module, str) else module
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s}
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:
         with redirect_stdout(out), redirect_stderr(err):
@@ -97,9 +106,6 @@ def run_here(module, *args):
         code = 1 if isinstance(e.code, str) else (e.code or 0)
         if isinstance(e.code, str):
             err.write(e.code + "\n")
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
     return subprocess.CompletedProcess([module.__name__, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 

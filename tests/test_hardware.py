@@ -34,6 +34,7 @@ def stage_args(name, tmp_path):
     return ["--total-batch-size", "64"] if name != "5_train_speedup" else []
 
 
+@pytest.mark.slow  # float16 on a CPU is emulated: seconds per run
 @pytest.mark.parametrize("name", FAST)
 def test_float16_with_grad_scaler_tracks_float32(name, tmp_path):
     """A dozen steps of float16 autocast + GradScaler stay within 0.05 of float32's losses, and are not
@@ -52,6 +53,7 @@ def test_float16_with_grad_scaler_tracks_float32(name, tmp_path):
         assert fp16[-1] < fp16[0] - 0.1  # it trains
 
 
+@pytest.mark.slow  # float16 on a CPU is emulated: seconds per run
 @pytest.mark.parametrize("name", existing(SCRIPTS[5:7]))
 def test_step_with_inf_gradients_is_skipped_not_applied(name, tmp_path, monkeypatch):
     """With a loss scale so large that float16 gradients overflow, the scaler skips the update
@@ -70,6 +72,7 @@ def test_step_with_inf_gradients_is_skipped_not_applied(name, tmp_path, monkeypa
             assert math.isfinite(r["norm"]) != (r.get("skipped") == 1)
 
 
+@pytest.mark.slow  # five runs, two of them in emulated bf16/fp16
 @pytest.mark.parametrize("name", FAST)
 def test_default_dtype_is_bf16_only_where_the_cpu_computes_it(name, tmp_path, monkeypatch):
     """Emulated bf16 is slower than float32 (a CPU without AVX512-BF16 or AMX: stage 5 took 2.8x stage 4's

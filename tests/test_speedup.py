@@ -52,6 +52,7 @@ def test_float32_path_is_plain_fp32_and_bf16_autocast_is_really_on(name):
     assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], abs=0.05)  # bf16 rounding
 
 
+@pytest.mark.slow  # bf16 on a CPU without AVX512-BF16 or AMX is emulated: seconds per step
 def test_bf16_autocast_trains_on_cpu():
     losses = load("5_train_speedup").main(TINY[:-4] + ["--n-head", "4", "--n-embd", "64", "--device", "cpu", "-B", "2",
                                                        "-T", "16", "--steps", "25", "--dtype", "bfloat16", "--no-compile"])
