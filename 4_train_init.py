@@ -6,7 +6,8 @@ initialization: std 0.02, residual init"):
 - Linear and Embedding weights ~ N(0, 0.02), biases zero (GPT-2's TF code)
 - residual projections (attn.c_proj, mlp.c_proj) scaled by 1/sqrt(2 * n_layer): each of the
   2 * n_layer residual additions adds variance, this keeps the stream's std near constant
-- so the loss at step 0 is ~ln(50257) = 10.82, the loss of a uniform guess
+- so the loss at step 0 is ~10.96: a uniform guess, ln(50257) = 10.82, plus ~0.15 (logits of std
+  0.02 * sqrt(768) = 0.55 add about sigma^2 / 2)
 
 Run:   python 4_train_init.py         (124M, B=4, T=32, 50 steps)
 Diff:  diff 3_train_dataloader.py 4_train_init.py

@@ -12,7 +12,8 @@ up to "gradient accumulation"; the GPT-3 paper, appendix B and table 2.1):
   step, with one line saying which step and what to try (float16: an inf gradient is the
   scaler's to skip, only a nan/inf loss stops)
 
-Run:   python 6_train_hyperparams.py  (124M, 50 steps of 524,288 tokens each)
+Run:   python 6_train_hyperparams.py  (124M, 50 steps of 524,288 tokens on a GPU; of 4 x 4 x 128 = 2,048
+       tokens on a CPU)
 Diff:  diff 5_train_speedup.py 6_train_hyperparams.py
 """
 import argparse
