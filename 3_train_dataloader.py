@@ -163,7 +163,7 @@ def load_tokens(path):
     except (OSError, UnicodeDecodeError) as e:  # not there, a folder, unreadable; Latin-1 or binary bytes
         sys.exit(f"error: {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}; pass --input FILE, UTF-8 text")
     enc = gpt2_tokenizer()
-    return torch.tensor(enc.encode(text), dtype=torch.long)
+    return torch.tensor(enc.encode(text, allowed_special={"<|endoftext|>"}), dtype=torch.long)
 
 
 class DataLoaderLite:
@@ -234,7 +234,7 @@ def flag_range(lo, hi=math.inf, kind=int):
             value = kind(text)
         except ValueError:
             value = math.nan  # compares false with everything: the error below
-        if not lo <= value <= hi:
+        if not lo <= value <= hi or value == math.inf:  # finite values only (nan compares false)
             want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
             raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
         return value

@@ -718,6 +718,7 @@ class Check:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("--out", default=None, help="folder for report.md and the raw files "
                         "(default: benchmarks/results/gpu_check_<device>_<date>/)")
     parser.add_argument("--parts", default=",".join(PARTS[1:]), help=f"a subset of {','.join(PARTS[1:])} "
