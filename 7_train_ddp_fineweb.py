@@ -51,8 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from hellaswag import HellaSwagError, evaluate, iterate_examples
 from checkpoints import (RESUME_MAY_CHANGE, checkpoint_state, load_checkpoint, restore, resume_hint, run_record,
                          save_checkpoint)
-from longrun import (Log, StopSignals, close_run, init_process_group, lost_rank, open_log_dir,
-                     out_of_memory, stop_all_on)
+from longrun import Log, StopSignals, close_run, init_process_group, lost_rank, open_log_dir, stop_all_on
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -654,10 +653,12 @@ def main(argv=None):
                 if not error:
                     print0(log.note(f"stopped after step {step}; {resume_hint(saved)}"))
                 break
-    except RuntimeError as e:  # out of memory (this rank alone) or a lost rank; else raised again
-        hint = f"-B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1 else "a smaller -T"
-        oom = f"error: out of memory at -B {B} -T {T} on {device}; try {hint}"
-        error, group_alive = oom if out_of_memory(e) else lost_rank(e, step, peers, saved), False
+    except RuntimeError as e:  # out of memory: a GPU's torch.OutOfMemoryError, a CPU's RuntimeError
+        hint = (f"try -B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1
+                else "try a smaller -T")
+        oom = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+        error = f"error: out of memory at -B {B} -T {T} on {device}; {hint}" if oom else None
+        error, group_alive = error or lost_rank(e, step, peers, saved), False  # else: raised again
     except ShardError as e:
         error = f"error: step {step}: {e}; re-create it with fineweb.py, then {resume_hint(saved)}"
     if error:
