@@ -291,8 +291,19 @@ def test_a_rank_that_hangs_ends_the_others_within_the_collective_timeout(run_arg
     and it stops with lost_rank's line. Without a timeout it waited 30 minutes (gloo's default)."""
     cmd = TORCHRUN + [f"{STAGE7}.py"] + [str(a) for a in run_args + ["--steps", "1000"]]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", COLLECTIVE_TIMEOUT_S="5"),
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    bound = threading.Timer(150, os.killpg, (proc.pid, signal.SIGKILL))  # every wait below ends by then
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def kill_run():  # torchrun and its workers (which run in sessions of their own)
+        try:
+            pids = [torchrun_worker(proc.pid, rank) for rank in (0, 1)] + [proc.pid]
+        except OSError:  # torchrun has ended
+            pids = []
+        for pid in filter(None, pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    bound = threading.Timer(150, kill_run)  # every wait below ends by then
     bound.start()
     try:
         for line in proc.stdout:
@@ -311,7 +322,7 @@ def test_a_rank_that_hangs_ends_the_others_within_the_collective_timeout(run_arg
     finally:
         bound.cancel()
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_run()
     lost = [line for line in lines if line.startswith("error: step ")]
     assert lost and "another rank stopped answering; this rank stops too, " in lost[0], "".join(lines)
     assert waited < 60, waited
