@@ -658,7 +658,7 @@ def main(argv=None):
                 else "try a smaller -T")
         oom = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
         error = f"error: out of memory at -B {B} -T {T} on {device}; {hint}" if oom else None
-        error, group_alive = error or lost_rank(e, step, peers, saved), False  # else: raised again
+        error, group_alive = error or lost_rank(e, step, peers, saved), False  # else a rank died
     except ShardError as e:
         error = f"error: step {step}: {e}; re-create it with fineweb.py, then {resume_hint(saved)}"
     if error:

@@ -88,12 +88,6 @@ def ranks_seen():
     return peers
 
 
-def out_of_memory(e):
-    """Is the error e out of memory: a GPU's torch.OutOfMemoryError, or the RuntimeError of a CPU's
-    allocator ("DefaultCPUAllocator: can't allocate memory")?"""
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
-
-
 def lost_rank(e, step, peers, saved):
     """The one line for a rank that died mid-run (killed, crashed), from the error its peers' collectives raise;
     `peers` is every rank's (host, pid), `saved` the newest checkpoint. Any other error is raised again."""
