@@ -125,7 +125,7 @@ class StopSignals:
         self.signum, self._training, self.stderr = 0, False, sys.stderr
         names = [name for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)]
         self.handlers = {getattr(signal, name): signal.signal(getattr(signal, name), self.note) for name in names}
-        if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: rank 0 prints set-up errors
+        if int(os.environ.get("LOCAL_RANK", 0)) != 0:  # a machine's first rank prints set-up errors
             sys.stderr = SetUpErrorsOnce(self.stderr)
 
     @property
@@ -175,9 +175,10 @@ class StopSignals:
 
 
 class SetUpErrorsOnce:
-    """stderr of a rank other than 0 during set-up. Every rank checks the same flags and data, so an
-    error found then is found by all: rank 0 prints it, the others exit 1 without repeating it (this
-    drops the `error: ...` line that sys.exit prints, and its newline). All else is written."""
+    """stderr during set-up of a rank that is not its machine's first. A machine's ranks check the
+    same flags and files, so an error found then is found by all: the first prints it, the others
+    exit 1 without repeating it (this drops the `error: ...` line sys.exit prints, and its newline).
+    All else is written. (Each machine's first rank prints: another machine's files may differ.)"""
 
     def __init__(self, stream):
         self.stream, self.dropping = stream, False
