@@ -256,7 +256,8 @@ class LogDirLock:
         except OSError:
             holder = []
         pid, host = (holder + ["?", "?"])[:2]
-        return (f"error: {os.path.dirname(self.path)} is in use by process {pid} on {host} "
+        who = f"process {pid} on {host}" if holder else "another run, whose lock file was deleted"
+        return (f"error: {os.path.dirname(self.path)} is in use by {who} "
                 f"(its lock: {self.path}); wait for it, or choose another --log-dir")
 
     def free_dir(self):
