@@ -123,7 +123,7 @@ def tiny_state(step, poison=None):
     """A checkpoint state of a tiny GPT after one AdamW step, with `poison` (a weight name) set to
     inf."""
     m = load(STAGE7)
-    model = m.GPT(m.GPTConfig(vocab_size=50304, n_layer=1, n_head=1, n_embd=8))
+    model = m.GPT(m.GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
     optimizer.step()
