@@ -155,7 +155,7 @@ def flag_range(lo, hi=math.inf, kind=int):
             value = kind(text)
         except ValueError:
             value = math.nan  # compares false with everything: the error below
-        if not lo <= value <= hi:
+        if not lo <= value <= hi or value == math.inf:  # finite values only (nan compares false)
             want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
             raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
         return value

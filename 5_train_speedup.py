@@ -183,8 +183,7 @@ def load_tokens(path):
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:  # not there, a folder, unreadable; Latin-1 or binary bytes
         sys.exit(f"error: {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}; pass --input FILE, UTF-8 text")
-    enc = gpt2_tokenizer()
-    return torch.tensor(enc.encode(text), dtype=torch.long)
+    return torch.tensor(gpt2_tokenizer().encode(text, allowed_special="all"), dtype=torch.long)
 
 
 class DataLoaderLite:
@@ -270,7 +269,7 @@ def flag_range(lo, hi=math.inf, kind=int):
             value = kind(text)
         except ValueError:
             value = math.nan  # compares false with everything: the error below
-        if not lo <= value <= hi:
+        if not lo <= value <= hi or value == math.inf:  # finite values only (nan compares false)
             want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
             raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
         return value
@@ -374,9 +373,10 @@ def main(argv=None):
             if peak:
                 line += f" | mfu {100 * flops_step / dt / (peak * 1e12):.2f}"
             print(line + (" | skipped 1" if scaler.get_scale() < scale else ""))
-    except torch.OutOfMemoryError:  # -B x -T does not fit this GPU: one line, with what to try
-        hint = f"-B {B // 2}" if B > 1 else "a smaller -T"
-        sys.exit(f"error: out of memory at -B {B} -T {T} on {device}; try {hint}")
+    except RuntimeError as e:  # out of memory: a GPU's torch.OutOfMemoryError, a CPU's RuntimeError
+        hint = f"try -B {B // 2}" if B > 1 else "try a smaller -T"
+        oom = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+        raise SystemExit(f"error: out of memory at -B {B} -T {T} on {device}; {hint}") if oom else e
 
     enc = gpt2_tokenizer()
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens

@@ -420,7 +420,7 @@ def val_loss(model, tokens, B, T, val_tokens, device, autocast):
 
 
 def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast):
-    """Val loss, and HellaSwag where there is a copy, printed; returns (the val loss, their log.txt lines)."""
+    """Val loss, and HellaSwag where there is a copy, printed; returns ((step, val), log lines)."""
     print0 = print if not dist.is_initialized() or dist.get_rank() == 0 else lambda *a: None
     val = val_loss(model, val_loader.tokens, args.batch_size, args.seq_len, args.val_tokens, device, autocast)
     print0(f"validation loss: {val:.4f}")
@@ -429,7 +429,7 @@ def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autoca
         n, correct = hellaswag_counts(raw_model, hella, device, autocast)
         print0(f"HellaSwag accuracy: {correct}/{n} = {correct / n:.4f}")
         entries.append(f"{step} hella {correct / n:.4f}")
-    return val, entries
+    return (step, val), entries
 
 
 def hellaswag_counts(model, examples, device, autocast):
@@ -481,7 +481,7 @@ def flag_range(lo, hi=math.inf, kind=int):
             value = kind(text)
         except ValueError:
             value = math.nan  # compares false with everything: the error below
-        if not lo <= value <= hi:
+        if not lo <= value <= hi or value == math.inf:  # finite values only (nan compares false)
             want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
             raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
         return value
@@ -528,11 +528,11 @@ def make_parser():
 
 
 def main(argv=None):
+    stop = StopSignals()  # a signal ends the run in one line; once training, after a saved step
     parser = make_parser()
     args = parser.parse_args(argv)
     # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 extra rows are never targets
     config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    stop = StopSignals()  # from here on a signal ends the run in one line; once training, after a saved step
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = setup_ddp(args.device)
     master_process = ddp_rank == 0  # rank 0 prints, logs, samples and saves checkpoints
     print0 = print if master_process else lambda *a, **k: None
@@ -663,11 +663,12 @@ def main(argv=None):
                 if not error:
                     print0(log.note(f"stopped after step {step}; {resume_hint(saved)}"))
                 break
-    except torch.OutOfMemoryError:  # -B x -T does not fit this GPU (this rank only: it leaves without the others)
-        hint = f"-B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1 else "a smaller -T"
-        error, group_alive = f"error: out of memory at -B {B} -T {T} on {device}; try {hint}", False
-    except RuntimeError as e:  # a rank died (killed, crashed): the collectives with it fail (anything else: raised)
-        error, group_alive = lost_rank(e, step, peers, saved), False
+    except RuntimeError as e:  # out of memory: a GPU's torch.OutOfMemoryError, a CPU's RuntimeError
+        hint = (f"try -B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1
+                else "try a smaller -T")
+        oom = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+        error = f"error: out of memory at -B {B} -T {T} on {device}; {hint}" if oom else None
+        error, group_alive = error or lost_rank(e, step, peers, saved), False  # else a rank died
     except ShardError as e:
         error = f"error: step {step}: {e}; re-create it with fineweb.py, then {resume_hint(saved)}"
     if error:

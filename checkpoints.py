@@ -1,14 +1,18 @@
 """Stage 7's checkpoints, all in one place: what model_{n:05d}.pt holds, writing, finding and loading one,
 the check that --resume continues the very run that wrote it, and restoring its state (docs/long-runs.md).
 
-A checkpoint is the state after n optimisation steps: model, optimizer, grad scaler, data-loader position
-(with the train shards' names, sizes and digests of their ends), the CPU RNG, the last val loss, the model config (a plain dict), and
-`run`: every setting that decides the run's trajectory. `--resume` continues exactly, so the resumed run's
+A checkpoint is the state after n optimisation steps: model, optimizer, grad scaler, data-loader
+position (with the train shards' names, sizes and digests of their ends), the CPU RNG, the last val
+loss and `val_step`, the step it was measured at (the loss of the state after val_step steps: up to
+--eval-every - 1 steps older than the weights), the model config (a plain dict), and `run`: every
+setting that decides the run's trajectory. A state holding nan or inf is never written.
+`--resume` continues exactly, so the resumed run's
 losses equal the uninterrupted run's, or names in one line what differs and what to pass. -B, the number of
 ranks, the device and the evaluation, checkpoint and sampling flags may change: the same tokens make each step.
 """
 import errno
 import glob
+import math
 import os
 import re
 import shlex
@@ -37,11 +41,13 @@ def run_record(args, total_batch_size, T):
             "total_batch_size": total_batch_size, "T": T}
 
 
-def checkpoint_state(model, optimizer, scaler, loader, step, val_loss, run):
-    """What model_{step:05d}.pt holds: enough to continue exactly (restore), and what makes it this run."""
+def checkpoint_state(model, optimizer, scaler, loader, step, val, run):
+    """What model_{step:05d}.pt holds: enough to continue exactly (restore), and what makes it this
+    run. `val`: (the step the last val loss was measured at, that loss); None before the first."""
+    val_step, val_loss = val or (None, None)
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(model.config),
-            "step": step, "val_loss": val_loss, "scaler": scaler.state_dict(), "loader": loader.state_dict(),
-            "run": run, "rng": {"cpu": torch.get_rng_state()}}
+            "step": step, "val_loss": val_loss, "val_step": val_step, "scaler": scaler.state_dict(),
+            "loader": loader.state_dict(), "run": run, "rng": {"cpu": torch.get_rng_state()}}
 
 
 def save_checkpoint(log_dir, state, saved, last):
@@ -49,6 +55,15 @@ def save_checkpoint(log_dir, state, saved, last):
     checkpoints kept; if it was the run's last (the end, or a signal), the line, naming the newest checkpoint on
     disk, is returned for the caller to end the run with. Returns (the newest checkpoint on disk, that line or None)."""
     path = os.path.join(log_dir, f"model_{state['step']:05d}.pt")
+    bad = not_finite(state)
+    if bad:  # diverging (the next step's loss stops it): never a checkpoint one cannot train on
+        line = (f"error: {path} is not written: its {bad} holds nan or inf; start again with a "
+                "lower --max-lr or a longer --warmup-steps in a new --log-dir; or, if it was a "
+                f"one-off fault, {resume_hint(saved)}")
+        if last:
+            return saved, line
+        print(line, file=sys.stderr)
+        return saved, None
     failed = write_atomically(path, state)
     if not failed:
         return path, None
@@ -56,6 +71,16 @@ def save_checkpoint(log_dir, state, saved, last):
         return saved, f"error: could not write {path} ({failed}); {resume_hint(saved)}"
     print(f"error: could not write {path} ({failed}); training goes on", file=sys.stderr)
     return saved, None
+
+
+def not_finite(state):
+    """The name of the first weight or optimizer moment in `state` holding nan or inf, or None."""
+    moments = {f"optimizer state {k} of parameter {i}": t
+               for i, ps in state["optimizer"]["state"].items() for k, t in ps.items()}
+    for name, t in {**state["model"], **moments}.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
 
 
 def write_atomically(path, state):
@@ -79,9 +104,14 @@ def write_atomically(path, state):
 
 def checkpoints_in(log_dir):
     """The model_{n}.pt files in log_dir, by step: a name sort would put model_99999.pt after model_100000.pt."""
-    found = [(int(m.group(1)), path) for path in glob.glob(os.path.join(glob.escape(log_dir), "model_*.pt"))
-             if (m := re.fullmatch(r"model_(\d+)\.pt", os.path.basename(path)))]
-    return [path for _, path in sorted(found)]
+    return [path for _, path in sorted(checkpoint_steps(log_dir))]
+
+
+def checkpoint_steps(log_dir):
+    """(n, path) for each model_{n}.pt in log_dir."""
+    paths = glob.glob(os.path.join(glob.escape(log_dir), "model_*.pt"))
+    return [(int(m.group(1)), path) for path in paths
+            if (m := re.fullmatch(r"model_(\d+)\.pt", os.path.basename(path)))]
 
 
 def pick_checkpoint(log_dir, resume, print0):
@@ -89,6 +119,13 @@ def pick_checkpoint(log_dir, resume, print0):
     --resume into a log dir without one, so that `torchrun --max-restarts N ... --resume` starts the run too).
     A fresh run never replaces an earlier run's log.txt or checkpoints. (path, error line)."""
     found = checkpoints_in(log_dir)
+    steps = [n for n, _ in checkpoint_steps(log_dir)]
+    twin = next((n for n in steps if steps.count(n) > 1), None)
+    if resume and twin is not None:  # model_00004.pt and model_4.pt: one came from another run
+        names = sorted(os.path.basename(p) for n, p in checkpoint_steps(log_dir) if n == twin)
+        return None, (f"error: {log_dir} holds {len(names)} checkpoints of step {twin} "
+                      f"({', '.join(names)}); this run writes model_{twin:05d}.pt: move the others "
+                      f"out of {log_dir}, then --resume")
     if resume and not found:
         print0(f"--resume: no checkpoint in {log_dir} yet; starting a fresh run")
     if not resume and (found or os.path.exists(os.path.join(log_dir, "log.txt"))):
@@ -122,6 +159,9 @@ def other_run(ckpt, path, config, run, shard_sizes):
         return (f"error: {path} holds a model with {ckpt['config']}, this run builds {asdict(config)}; "
                 "pass the same --n-layer/--n-head/--n-embd")
     theirs = ckpt.get("run") or {}  # (checkpoints of older versions of this script record less)
+    if ckpt["step"] >= theirs.get("steps", math.inf) and run["steps"] != theirs["steps"]:
+        done = finished(path, ckpt["step"], theirs["steps"])
+        return f"error: {done} and cannot be extended; {LONGER}"
     differ = [key for key in TRAJECTORY_FLAGS if key in theirs and theirs[key] != run[key]]
     if differ:
         was = " ".join(f"{TRAJECTORY_FLAGS[k]} {theirs[k]}" for k in differ)
@@ -144,14 +184,15 @@ def other_run(ckpt, path, config, run, shard_sizes):
 
 def restore(ckpt, path, model, optimizer, scaler, loader, steps):
     """The state after ckpt["step"] steps (the loader reads the checkpoint's own train shards), and a line saying so.
-    Returns (the first step to run, the last val loss): (0, None) without a checkpoint."""
+    Returns (the first step to run, (the step of the last val loss, that loss)); (0, None) without a
+    checkpoint."""
     master = not dist.is_initialized() or dist.get_rank() == 0
     if ckpt is None:
         return 0, None
     if ckpt["step"] >= steps:
         if master:
-            print(f"{path}: the run is finished ({ckpt['step']} of {steps} steps); nothing to do")
-        return ckpt["step"], ckpt["val_loss"]
+            print(f"{finished(path, ckpt['step'], steps)}; nothing to do ({LONGER})")
+        return ckpt["step"], (ckpt.get("val_step"), ckpt["val_loss"])
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):  # float16 runs only: a disabled scaler has no state
@@ -170,7 +211,15 @@ def restore(ckpt, path, model, optimizer, scaler, loader, steps):
               "--data-dir) it was trained with")
     if master:
         print(f"resuming from {path} after step {ckpt['step'] - 1}")
-    return ckpt["step"], ckpt["val_loss"]
+    return ckpt["step"], (ckpt.get("val_step"), ckpt["val_loss"])
+
+
+def finished(path, step, steps):
+    return f"{path}: the run is finished ({step} of {steps} steps)"
+
+
+# a finished run's LR schedule has decayed to its end: a longer run has another, so it is a new run
+LONGER = "to train longer, start a new run with a larger --steps in another --log-dir"
 
 
 def command_line(resume):

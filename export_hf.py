@@ -185,6 +185,7 @@ def check_export(folder, model):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("checkpoint", help="a checkpoint of 7_train_ddp_fineweb.py, e.g. log/model_19073.pt")
     parser.add_argument("out_dir", help="the folder to write (must not exist, or be empty)")
     args = parser.parse_args(argv)

@@ -402,6 +402,7 @@ def run(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("--out-dir", default=Path(__file__).resolve().parent / "edu_fineweb10B",
                         help="default: edu_fineweb10B next to this file")
     parser.add_argument("--shard-size", type=int, default=10**8, help="tokens per shard (100M)")

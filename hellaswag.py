@@ -128,7 +128,7 @@ def iterate_examples(split="val", data_file=None, cache_dir=None):
     the hub dataset, label as an int whichever format it came in. A row that is not an example
     (a field missing, an ending that is not a string, a label not 0-3) raises HellaSwagError
     naming the source and the example, so stage 7 can say it once and train without HellaSwag."""
-    rows = file_rows(data_file) if data_file else hub_rows(split, cache_dir)
+    rows, i = file_rows(data_file) if data_file else hub_rows(split, cache_dir), -1
     for i, row in enumerate(rows):
         problem = example_problem(row)
         if problem:
@@ -138,6 +138,8 @@ def iterate_examples(split="val", data_file=None, cache_dir=None):
                            "delete its copy in the `datasets` cache to download it again"))
             raise HellaSwagError(f"{where}: example {i}{ind} is not a HellaSwag example: {problem}; {fix}")
         yield {**row, "label": int(row["label"])}  # the hub's label is a string, "3"
+    if data_file and i < 0:  # an empty file: said in one line, never a silent "no HellaSwag"
+        raise HellaSwagError(f"{data_file} holds no HellaSwag examples; pass the val split's file")
 
 
 def render_example(example, enc=None, block_size=None):
@@ -309,6 +311,7 @@ def device_problem(name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("-m", "--model", default="gpt2",
                         help="HF hub name (gpt2, gpt2-xl, ...), a save_pretrained directory, or a "
                              "checkpoint file of 7_train_ddp_fineweb.py (log/model_19073.pt)")

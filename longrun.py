@@ -11,6 +11,7 @@ import os
 import platform
 import signal
 import sys
+from datetime import timedelta
 
 import numpy as np
 import tiktoken
@@ -32,13 +33,26 @@ except ImportError:  # Windows
 def init_process_group(backend):
     """dist.init_process_group, made restartable: torchrun shares its store with the workers, and a worker it
     restarts (--max-restarts) can read the previous attempt's addresses there and never connect (pytorch#135712;
-    `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` also avoids it). So each attempt sets up in its own namespace."""
+    `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` also avoids it). So each attempt sets up in its own namespace.
+
+    A collective that waits longer than COLLECTIVE_TIMEOUT_S seconds (default 600: more than the
+    first compile, rank 0 writing a checkpoint or a HellaSwag download take) raises in this rank,
+    which then stops with lost_rank's line: a peer that died without closing its connections, or
+    hangs, cannot stall the run for ever. Gloo raises by itself; NCCL only with
+    TORCH_NCCL_BLOCKING_WAIT=1 (set here unless you set it), without which its watchdog aborts the
+    process after the timeout, with torch's lines."""
+    seconds = os.environ.get("COLLECTIVE_TIMEOUT_S", "600")
+    if not seconds.replace(".", "", 1).isdigit() or float(seconds) <= 0:
+        sys.exit(f"error: COLLECTIVE_TIMEOUT_S={seconds}: pass seconds, a number above 0")
+    timeout = timedelta(seconds=float(seconds))
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return dist.init_process_group(backend=backend)
+        return dist.init_process_group(backend=backend, timeout=timeout)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     attempt = dist.PrefixStore(f"gpt2_attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend=backend, store=attempt, rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]))
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 def is_master():
@@ -110,15 +124,32 @@ class StopSignals:
     it sends each worker one SIGINT.)"""
 
     def __init__(self):
-        self.signum, self.training = 0, False
+        self.signum, self._training, self.stderr = 0, False, sys.stderr
         names = [name for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)]
         self.handlers = {getattr(signal, name): signal.signal(getattr(signal, name), self.note) for name in names}
+        if int(os.environ.get("LOCAL_RANK", 0)) != 0:  # a machine's first rank prints set-up errors
+            sys.stderr = SetUpErrorsOnce(self.stderr)
+
+    @property
+    def training(self):
+        return self._training
+
+    @training.setter
+    def training(self, value):
+        """Set-up is over. A set-up signal whose SystemExit some code swallowed (raised inside a
+        __del__, or a callback that ignores exceptions) still ends the run here, before a step."""
+        self._training = value
+        if value and self.signum:
+            self.restore()
+            raise SystemExit(128 + self.signum)  # its line is printed
+        self.unquiet()
 
     def note(self, signum, frame):
         if not self.training:
-            if int(os.environ.get("RANK", 0)) == 0:
+            if int(os.environ.get("RANK", 0)) == 0 and not self.signum:
                 print(f"stopped by {signal.Signals(signum).name} during set-up; nothing was trained or saved",
                       file=sys.stderr)
+            self.signum = self.signum or signum
             self.restore()
             raise SystemExit(128 + signum)  # unwinds main(): the lock, if taken, is released with the process
         self.signum = self.signum or signum
@@ -138,6 +169,31 @@ class StopSignals:
     def restore(self):
         for s, handler in self.handlers.items():
             signal.signal(s, handler)
+        self.unquiet()
+
+    def unquiet(self):
+        if isinstance(sys.stderr, SetUpErrorsOnce):
+            sys.stderr = self.stderr
+
+
+class SetUpErrorsOnce:
+    """stderr during set-up of a rank that is not its machine's first. A machine's ranks check the
+    same flags and files, so an error found then is found by all: the first prints it, the others
+    exit 1 without repeating it (this drops the `error: ...` line sys.exit prints, and its newline).
+    All else is written. (Each machine's first rank prints: another machine's files may differ.)"""
+
+    def __init__(self, stream):
+        self.stream, self.dropping = stream, False
+
+    def write(self, text):
+        if text.startswith("error: ") or (self.dropping and text == "\n"):
+            self.dropping = text != "\n"  # the newline print() and sys.exit write after the line
+            return len(text)
+        self.dropping = False
+        return self.stream.write(text)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, ...
+        return getattr(self.stream, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,24 +204,30 @@ class LogDirLock:
     """{log_dir}/lock, held by rank 0 while it runs: an OS lock (flock; msvcrt on Windows) on the file, which the
     OS releases when the process ends however it ends (kill -9, a crash, a reboot), so a stale lock never blocks
     anyone and exactly one of several runs starting at once gets it. The file names the holder (pid, host,
-    torchrun job) for the error line."""
+    torchrun job) for the error line. On POSIX the log dir itself is flock'ed too, so a lock file
+    deleted by hand frees nothing (where a folder cannot be locked, e.g. NFS, the file's lock alone
+    holds); Windows cannot delete a file that is open."""
 
     def __init__(self, log_dir):
-        self.path, self.file = os.path.join(log_dir, "lock"), None
+        self.path, self.file, self.dir = os.path.join(log_dir, "lock"), None, None
 
     def take(self):
         """None, or the error line of a log dir another run holds."""
+        if fcntl:
+            try:
+                self.dir = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+                fcntl.flock(self.dir, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self.in_use()
+            except OSError:  # a folder this file system cannot lock: the file's lock alone
+                self.free_dir()
         for _ in range(10):  # a holder removing its lock this instant: try again
             f = open(self.path, "a+")
             try:
                 lock_file(f)
             except BlockingIOError:
-                f.seek(0)
-                holder = f.read().split() or ["?", "?"]
                 f.close()
-                pid, host = holder[0], holder[1] if len(holder) > 1 else "?"
-                return (f"error: {os.path.dirname(self.path)} is in use by process {pid} on {host} (its lock: "
-                        f"{self.path}); wait for it, or choose another --log-dir")
+                return self.in_use()
             except OSError as e:  # a file system without locks (some network or FUSE mounts)
                 f.close()
                 print(f"note: {self.path}: this file system cannot lock ({e.strerror}); run one run at a time here")
@@ -184,7 +246,26 @@ class LogDirLock:
             f.flush()
             self.file = f
             return None
+        self.free_dir()
         return f"error: could not take the lock {self.path}; is another run starting and stopping there?"
+
+    def in_use(self):
+        """The error line naming the holder (the lock file's pid and host; "?" once deleted)."""
+        self.free_dir()
+        try:
+            with open(self.path) as f:
+                holder = f.read().split()
+        except OSError:
+            holder = []
+        pid, host = (holder + ["?", "?"])[:2]
+        who = f"process {pid} on {host}" if holder else "another run, whose lock file was deleted"
+        return (f"error: {os.path.dirname(self.path)} is in use by {who} "
+                f"(its lock: {self.path}); wait for it, or choose another --log-dir")
+
+    def free_dir(self):
+        if self.dir is not None:
+            os.close(self.dir)  # and with it the folder's flock
+            self.dir = None
 
     def release(self):
         if self.file:
@@ -194,6 +275,7 @@ class LogDirLock:
                 pass
             self.file.close()
             self.file = None
+        self.free_dir()
 
 
 def lock_file(f):

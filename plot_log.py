@@ -174,6 +174,7 @@ def make_figure(streams, size=None, tokens_per_step=None, smooth=None, ymax=None
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("log", nargs="?", default=os.path.join(HERE, "log", "log.txt"),
                         help="a log.txt of 7_train_ddp_fineweb.py (default: log/log.txt beside this script)")
     parser.add_argument("-o", "--out", default=None, help="the PNG to write (default: beside the log, .png)")
