@@ -253,12 +253,12 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
 
 
-def divergence_error(step, loss, norm, resume=""):
-    """The error line when the loss or the gradient norm is nan or inf (the run diverged), else None. Under
-    float16 the caller passes norm 0: an inf/nan gradient is the scaler's to skip, only a nan loss stops."""
+def divergence_error(step, loss, norm, resume=lambda: ""):
+    """The error line (ending in resume(), made only then) when the loss or gradient norm is nan or inf (the
+    run diverged), else None. Under float16 the caller passes norm 0: an inf gradient is the scaler's to skip."""
     if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before optimizer.step() writes nan into the weights
         return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and stopped before the "
-                f"optimizer step; start again with a lower --max-lr or a longer --warmup-steps{resume}")
+                f"optimizer step; start again with a lower --max-lr or a longer --warmup-steps{resume()}")
     return None
 
 

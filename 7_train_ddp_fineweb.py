@@ -62,7 +62,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from hellaswag import HellaSwagError, evaluate, iterate_examples
 from checkpoints import (RESUME_MAY_CHANGE, checkpoint_state, load_checkpoint, restore, resume_hint, run_record,
                          save_checkpoint)
-from longrun import (Log, ShardError, StopSignals, close_run, init_process_group, lost_rank,
+from longrun import (Log, ShardError, StopSignals, close_run, exit_status, init_process_group, lost_rank,
                      note_skipped_tokens, open_log_dir, shard_identity, stop_all_on)
 
 # ----------------------------------------------------------------------------------------------
@@ -331,12 +331,12 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
 
 
-def divergence_error(step, loss, norm, resume=""):
-    """The error line when the loss or the gradient norm is nan or inf (the run diverged), else None. Under
-    float16 the caller passes norm 0: an inf/nan gradient is the scaler's to skip, only a nan loss stops."""
+def divergence_error(step, loss, norm, resume=lambda: ""):
+    """The error line (ending in resume(), made only then) when the loss or gradient norm is nan or inf (the
+    run diverged), else None. Under float16 the caller passes norm 0: an inf gradient is the scaler's to skip."""
     if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before optimizer.step() writes nan into the weights
         return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and stopped before the "
-                f"optimizer step; start again with a lower --max-lr or a longer --warmup-steps{resume}")
+                f"optimizer step; start again with a lower --max-lr or a longer --warmup-steps{resume()}")
     return None
 
 
@@ -419,9 +419,8 @@ def val_loss(model, tokens, B, T, val_tokens, device, autocast):
     return all_reduce_mean(loss_sum).item() * world / rows  # the mean over all rows
 
 
-def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast):
-    """Val loss, and HellaSwag where there is a copy, printed; returns ((step, val), log lines)."""
-    print0 = print if not dist.is_initialized() or dist.get_rank() == 0 else lambda *a: None
+def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast, print0):
+    """Val loss, and HellaSwag where there is a copy, printed by rank 0; returns ((step, val), log lines)."""
     val = val_loss(model, val_loader.tokens, args.batch_size, args.seq_len, args.val_tokens, device, autocast)
     print0(f"validation loss: {val:.4f}")
     entries = [f"{step} val {val:.4f}"]
@@ -599,7 +598,7 @@ def main(argv=None):
     # --resume: the state after ckpt["step"] steps, if it is this very run (a fresh run: no ckpt_path, step 0)
     ckpt, error = load_checkpoint(ckpt_path, device, config, run, train_loader.sizes)
     stop_all_on(error, stop, lock)
-    start_step, val = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader, args.steps)
+    start_step, val = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader, args.steps, print0)
     if start_step >= args.steps:  # the run is finished (restore said so)
         return close_run(stop, lock)
     log = Log(os.path.join(args.log_dir, "log.txt") if master_process else None)  # rank 0 writes it
@@ -613,7 +612,7 @@ def main(argv=None):
             stopping = 0 if last_step else stop.agreed(device)  # a signal: every rank stops after this step
             entries = []
             if (step % args.eval_every == 0 or last_step) and not stopping:  # evaluation is not part of step time
-                val, entries = evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast)
+                val, entries = evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast, print0)
             if master_process and ((step > 0 and step % args.eval_every == 0) or last_step) and not stopping:
                 for i, text in enumerate(sample(raw_model, args.num_return_sequences, args.max_length, args.seed)):
                     print(f"sample {i}: {text}")  # what does it say so far?
@@ -637,7 +636,7 @@ def main(argv=None):
             # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item(),
-                                     f" in a new --log-dir; or, if it was a one-off fault, {resume_hint(saved)}")
+                                     lambda: f" in a new --log-dir; or, if it was a one-off fault, {resume_hint(saved)}")
             if error:
                 break  # every rank sees the same all-reduced loss and norm: all stop here
             lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
@@ -674,8 +673,8 @@ def main(argv=None):
     if error:
         log.note(error)  # rank 0: the log is the run's record
     close_run(stop, lock, group_alive)
-    if error or stopping:  # the error (rank 0's, or this rank's own); else 128 + the signal, as a shell reports it
-        sys.exit((error if master_process or not group_alive else 1) if error else 128 + stopping)
+    if error or stopping:  # the error line, or 128 + the signal, as a shell reports it
+        sys.exit(exit_status(error, stopping, master_process, group_alive))
     return losses
 
 

@@ -21,24 +21,27 @@ import textwrap
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
-# what decides the trajectory, by the flag that sets it (the model config and the shards are checked too)
-TRAJECTORY_FLAGS = {"seed": "--seed", "max_lr": "--max-lr", "warmup_steps": "--warmup-steps", "steps": "--steps",
-                    "total_batch_size": "--total-batch-size", "T": "-T"}
+# The one table of what decides a run's trajectory: a checkpoint's `run` key -> the flag that sets it.
+# run_record and --help's text are made from it; the model config and the shards are checked too.
+TRAJECTORY_FLAGS = {"seed": "--seed", "max_lr": "--max-lr", "warmup_steps": "--warmup-steps",
+                    "steps": "--steps", "total_batch_size": "--total-batch-size", "T": "-T"}
+MODEL_FLAGS = ("--n-layer", "--n-head", "--n-embd")
 RESUME_MAY_CHANGE = textwrap.fill(  # --help's last lines
-    "--resume continues the run exactly: the model, the train shards and every flag that decides the run (--seed "
-    "--max-lr --warmup-steps --steps --total-batch-size -T --n-layer --n-head --n-embd) are stored in each "
-    "checkpoint and checked. These may change on --resume: -B and the number of GPUs (the same tokens make each "
-    "step), --device, --compile, --dtype (another dtype's rounding differs slightly), --data-dir (holding the same "
-    "shards), --eval-every, --val-tokens, --hellaswag-file, --hellaswag-limit, --checkpoint-every, "
-    "--num-return-sequences, --max-length, --peak-tflops, --log-dir (moved whole).", 100, break_on_hyphens=False)
+    "--resume continues the run exactly: the model, the train shards and every flag that decides the "
+    f"run ({' '.join([*TRAJECTORY_FLAGS.values(), *MODEL_FLAGS])}) are stored in each checkpoint and "
+    "checked. These may change on --resume: -B and the number of GPUs (the same tokens make each step), "
+    "--device, --compile, --dtype (another dtype's rounding differs slightly), --data-dir (holding the "
+    "same shards), --eval-every, --val-tokens, --hellaswag-file, --hellaswag-limit, --checkpoint-every, "
+    "--num-return-sequences, --max-length, --peak-tflops, --log-dir (moved whole).", 100,
+    break_on_hyphens=False)
 
 
 def run_record(args, total_batch_size, T):
-    """This run's trajectory settings, as a checkpoint stores them."""
-    return {"seed": args.seed, "max_lr": args.max_lr, "warmup_steps": args.warmup_steps, "steps": args.steps,
-            "total_batch_size": total_batch_size, "T": T}
+    """This run's trajectory settings, as a checkpoint stores them: TRAJECTORY_FLAGS' keys, with the total
+    batch and T the run uses (the CPU default of --total-batch-size is worked out from -B and -T)."""
+    values = {**vars(args), "total_batch_size": total_batch_size, "T": T}
+    return {key: values[key] for key in TRAJECTORY_FLAGS}
 
 
 def checkpoint_state(model, optimizer, scaler, loader, step, val, run):
@@ -182,16 +185,14 @@ def other_run(ckpt, path, config, run, shard_sizes):
     return None
 
 
-def restore(ckpt, path, model, optimizer, scaler, loader, steps):
-    """The state after ckpt["step"] steps (the loader reads the checkpoint's own train shards), and a line saying so.
-    Returns (the first step to run, (the step of the last val loss, that loss)); (0, None) without a
-    checkpoint."""
-    master = not dist.is_initialized() or dist.get_rank() == 0
+def restore(ckpt, path, model, optimizer, scaler, loader, steps, print0):
+    """The state after ckpt["step"] steps (the loader reads the checkpoint's own train shards), and a line
+    saying so (print0: rank 0's print). Returns (the first step to run, (the step of the last val loss,
+    that loss)); (0, None) without a checkpoint."""
     if ckpt is None:
         return 0, None
     if ckpt["step"] >= steps:
-        if master:
-            print(f"{finished(path, ckpt['step'], steps)}; nothing to do ({LONGER})")
+        print0(f"{finished(path, ckpt['step'], steps)}; nothing to do ({LONGER})")
         return ckpt["step"], (ckpt.get("val_step"), ckpt["val_loss"])
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -199,18 +200,17 @@ def restore(ckpt, path, model, optimizer, scaler, loader, steps):
         scaler.load_state_dict(ckpt["scaler"])
     loader.load_state_dict(ckpt["loader"])  # and with it the checkpoint's own list of train shards
     added = sorted(set(loader.sizes) - {name for name, *_ in ckpt["loader"].get("shards", [])})
-    if added and ckpt["loader"].get("shards") and master:
-        print(f"--resume: {len(added)} train shard(s) added since the run started ({added[0]}, ...) are not used; "
+    if added and ckpt["loader"].get("shards"):
+        print0(f"--resume: {len(added)} train shard(s) added since the run started ({added[0]}, ...) are not used; "
               f"it goes on with its {len(ckpt['loader']['shards'])}")  # fineweb.py still writing, say
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())  # map_location moved it to the device
     unrecorded = [flag for key, flag in TRAJECTORY_FLAGS.items() if key not in (ckpt.get("run") or {})]
     if any(len(entry) < 3 for entry in ckpt["loader"].get("shards") or [[]]):  # no digests yet
         unrecorded.append("the train shards' contents")
-    if unrecorded and master:  # written by an older version of stage 7
-        print(f"note: {path} does not record {', '.join(unrecorded)}; pass the values (and the "
+    if unrecorded:  # written by an older version of stage 7
+        print0(f"note: {path} does not record {', '.join(unrecorded)}; pass the values (and the "
               "--data-dir) it was trained with")
-    if master:
-        print(f"resuming from {path} after step {ckpt['step'] - 1}")
+    print0(f"resuming from {path} after step {ckpt['step'] - 1}")
     return ckpt["step"], (ckpt.get("val_step"), ckpt["val_loss"])
 
 

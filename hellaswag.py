@@ -28,8 +28,10 @@ import functools
 import itertools
 import json
 import os
+import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import tiktoken
 import torch
@@ -54,8 +56,29 @@ def gpt2_encoder():
 
 # ----------------------------------------------------------------------------- data
 
+def hub_reachable(timeout=3.0):
+    """Whether the hub (HF_ENDPOINT's host) takes a connection at all, found in at most `timeout` s. Behind a
+    proxy there is no direct route to try: then it is taken to be reachable."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:  # no route, no DNS, refused, timed out
+        return False
+
+
 def hub_rows(split, cache_dir=None):
-    """The rows of one split of the hub dataset (downloaded once, then read from the cache)."""
+    """The rows of one split of the hub dataset (downloaded once, then read from the cache). Offline, the
+    hub clients would retry for ~25 s before reading their cache: where the hub cannot be reached they are
+    told so first (HF_HUB_OFFLINE=1), and the cache answers at once."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # read when imported
+        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+            if module in sys.modules and hasattr(sys.modules[module], name):  # imported already
+                setattr(sys.modules[module], name, True)
     try:
         from datasets import load_dataset  # heavy, and absent on some GPU images: only here
     except ImportError:
@@ -314,18 +337,19 @@ def main(argv=None):
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("-m", "--model", default="gpt2",
                         help="HF hub name (gpt2, gpt2-xl, ...), a save_pretrained directory, or a "
-                             "checkpoint file of 7_train_ddp_fineweb.py (log/model_19073.pt)")
+                             "checkpoint file of 7_train_ddp_fineweb.py (log/model_19073.pt); "
+                             "default: %(default)s")
     parser.add_argument("-d", "--device", default="auto",
-                        help="auto (first of cuda, mps, cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--split", default="val", choices=["train", "val"])  # test has no labels
+                        help="auto (first of cuda, mps, cpu; the default), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--split", default="val", choices=["train", "val"], help="default: %(default)s (test has no labels)")
     parser.add_argument("--data-file", default=None,
                         help="a local copy instead of the hub: jsonl (the original format or the "
                              "hub's) or the hub's .parquet")
     parser.add_argument("--cache-dir", default=None,
                         help="the `datasets` cache for the hub dataset (default: ~/.cache/huggingface)")
-    parser.add_argument("--batch-size", type=int, default=1, help="examples per forward pass")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    parser.add_argument("--log-every", type=int, default=500, help="progress line every N examples")
+    parser.add_argument("--batch-size", type=int, default=1, help="examples per forward pass (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N examples (default: all)")
+    parser.add_argument("--log-every", type=int, default=500, help="progress line every N examples (default: %(default)s)")
     args = parser.parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
                                ("--log-every", args.log_every, 0)):

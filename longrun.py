@@ -55,8 +55,25 @@ def init_process_group(backend):
                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
-def is_master():
-    return not dist.is_initialized() or dist.get_rank() == 0
+def rank():
+    """This process's rank, worked out here alone: the process group's once it exists, torchrun's RANK
+    before (set-up), 0 without torchrun. Rank 0 prints, logs, samples and saves checkpoints."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def first_on_its_machine():
+    """Each machine's first rank (torchrun's LOCAL_RANK 0) prints set-up errors: another machine's files
+    may differ."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def exit_status(error, signum, master, group_alive):
+    """What a run that did not finish exits with: its error line (Python prints it, exit 1) on rank 0 or
+    on a rank whose group is gone (no one else can say it), 1 on the other ranks (rank 0 said it); without
+    an error, 128 + the signal that stopped it, as a shell reports a process a signal ended."""
+    if error:
+        return error if master or not group_alive else 1
+    return 128 + signum
 
 
 def stop_all_on(error, stop, lock=None):
@@ -67,7 +84,7 @@ def stop_all_on(error, stop, lock=None):
         dist.all_gather_object(errors, error)
         error = next((e for e in errors if e), None)
     if error:
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        if first_on_its_machine():
             print(error, file=sys.stderr)
         close_run(stop, lock)
         sys.exit(1)
@@ -127,7 +144,7 @@ class StopSignals:
         self.signum, self._training, self.stderr = 0, False, sys.stderr
         names = [name for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)]
         self.handlers = {getattr(signal, name): signal.signal(getattr(signal, name), self.note) for name in names}
-        if int(os.environ.get("LOCAL_RANK", 0)) != 0:  # a machine's first rank prints set-up errors
+        if not first_on_its_machine():  # a machine's first rank prints set-up errors
             sys.stderr = SetUpErrorsOnce(self.stderr)
 
     @property
@@ -146,7 +163,7 @@ class StopSignals:
 
     def note(self, signum, frame):
         if not self.training:
-            if int(os.environ.get("RANK", 0)) == 0 and not self.signum:
+            if rank() == 0 and not self.signum:
                 print(f"stopped by {signal.Signals(signum).name} during set-up; nothing was trained or saved",
                       file=sys.stderr)
             self.signum = self.signum or signum
@@ -294,7 +311,7 @@ def open_log_dir(log_dir, resume, stop, print0):
     """Rank 0 locks the log dir and picks the checkpoint to continue (checkpoints.pick_checkpoint; None: a fresh
     run); every rank gets that pick. Any rank's error stops all. Returns (rank 0's lock or None, the pick, every
     rank's (host, pid), to name a rank that dies later)."""
-    lock, ckpt_path, error = LogDirLock(log_dir) if is_master() else None, None, None
+    lock, ckpt_path, error = LogDirLock(log_dir) if rank() == 0 else None, None, None
     if lock:
         try:
             os.makedirs(log_dir, exist_ok=True)

@@ -368,6 +368,7 @@ def test_hub_offline_is_one_clear_line(tmp_path, streaming):
     assert not out.exists()
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_import_has_no_side_effects_and_default_dir_is_beside_script(tmp_path):
     code = ("import sys, fineweb; "
             "print(sorted(m for m in ('tiktoken', 'datasets') if m in sys.modules), "

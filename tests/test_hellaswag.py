@@ -5,6 +5,7 @@ The reference everywhere is the plain loop: for each ending, run context + endin
 model on its own and take the summed / mean cross-entropy of the ending's tokens.
 """
 import math
+import os
 import re
 import sys
 import types
@@ -158,6 +159,7 @@ def test_cli_offline_hub_name(examples, tmp_path):
 # ---------------------------------------------------------------------------- data sources
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_does_not_import_datasets():
     """Stage 7 imports hellaswag.py, and some GPU images have no `datasets`."""
     code = "import sys, hellaswag; assert 'datasets' not in sys.modules, 'datasets imported'"
@@ -183,6 +185,29 @@ def test_hub_source_split_names_and_int_labels(fake_datasets, examples):
     assert list(hellaswag.iterate_examples("train", cache_dir="c")) == examples
     assert fake_datasets == [("Rowan/hellaswag", "validation", None), ("Rowan/hellaswag", "train", "c")]
     assert all(type(ex["label"]) is int for ex in hellaswag.iterate_examples("val"))
+
+
+def test_an_unreachable_hub_means_the_cache_at_once(fake_datasets, monkeypatch):
+    """Offline without HF_HUB_OFFLINE, the hub clients retry for ~25 s before reading their cache (every
+    stage-7 start, on every rank): a connection refused at once tells them first, through the variable
+    they read when imported and the setting of a client imported already."""
+    import socket
+
+    import huggingface_hub.constants
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    tried = []
+
+    def refused(address, timeout):
+        tried.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr(socket, "create_connection", refused)
+    assert list(hellaswag.iterate_examples("val")) and tried == [("huggingface.co", 443)]
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert hellaswag.hub_reachable() and len(tried) == 1  # behind a proxy: no direct route to try
 
 
 @pytest.mark.parametrize("name", ["original.jsonl", "hub.jsonl", "hub.parquet"])

@@ -67,6 +67,7 @@ def test_a_second_run_into_a_busy_log_dir_stops_and_sighup_saves_the_first(tmp_p
     assert sum(line.startswith("# command:") for line in log_lines) == 1  # the second run wrote nothing
 
 
+@pytest.mark.slow  # a holder in another process
 def test_lock_is_held_by_a_live_run_and_never_by_a_stale_file(tmp_path):
     """The lock is the OS's (flock), held while its process lives: a live holder's stops a second run with its pid
     and host; a lock file whose process is gone (kill -9, a crash) or whose pid now belongs to an unrelated process
@@ -105,6 +106,7 @@ def take_and_report(log_dir, barrier, results, release):
         lock.release()
 
 
+@pytest.mark.slow  # 48 processes
 @pytest.mark.skipif(os.name == "nt", reason="forks")
 def test_a_stale_lock_is_taken_over_by_exactly_one_of_several_runs_starting_at_once(tmp_path):
     """Four runs start at the same instant on a log dir with a stale lock file: exactly one gets it, every time
@@ -220,7 +222,7 @@ def test_every_flag_is_checked_on_resume_or_said_in_help_to_be_free_to_change(ca
         m.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "These may change on --resume:" in help_text
-    checked = set(checkpoints.TRAJECTORY_FLAGS.values()) | {"--n-layer", "--n-head", "--n-embd"}
+    checked = set(checkpoints.TRAJECTORY_FLAGS.values()) | set(checkpoints.MODEL_FLAGS)
     for action in m.make_parser()._actions:
         names = [o for o in action.option_strings if o not in ("-h", "--help", "--resume")]
         epilog = help_text.split("--resume continues the run exactly")[-1]
@@ -371,24 +373,6 @@ def test_a_stop_that_could_not_be_saved_names_no_checkpoint(shards_and_empty, tm
 
 
 @pytest.mark.slow
-def test_a_signal_during_set_up_ends_in_one_line(shards_and_empty, tmp_path):
-    """Ctrl-C while the run sets up (data, model, log dir): one line, 128 + the signal, no traceback (SIGTERM and
-    SIGHUP take the same handler)."""
-    sig = signal.SIGINT
-    cmd = [sys.executable, str(ROOT / f"{NAME}.py")] + [str(a) for a in RUN + shards_and_empty + ["--log-dir",
-                                                                                              tmp_path / "log"]]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = proc.stdout.readline()  # main() has started: the total batch line comes before any set-up
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert first.startswith("total batch size") and not parse_steps(out), first + out
-    assert proc.returncode == 128 + sig and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == (f"stopped by {signal.Signals(sig).name} during set-up; nothing was "
-                                            "trained or saved")
-
-
-@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
 def test_ctrl_c_under_torchrun_saves_the_step_and_one_process_goes_on(straight, tmp_path):
     """Ctrl-C in a terminal goes to its foreground process group: torchrun, which passes one SIGINT to each worker
@@ -418,3 +402,19 @@ def test_ctrl_c_under_torchrun_saves_the_step_and_one_process_goes_on(straight, 
     _, rows = run7(*data, "--log-dir", log, "--resume")
     assert [r["step"] for r in rows] == list(range(n, 6))
     same_losses(rows, full, rel=1e-5)
+
+
+def test_exit_status_gives_the_error_once_and_a_signal_as_a_shell_does():
+    error = "error: step 3: rank 1 died; ..."
+    assert longrun.exit_status(error, 0, master=True, group_alive=True) == error  # Python prints it, exit 1
+    assert longrun.exit_status(error, 0, master=False, group_alive=True) == 1  # rank 0 says it
+    assert longrun.exit_status(error, 0, master=False, group_alive=False) == error  # no one else can
+    assert longrun.exit_status(None, signal.SIGTERM, master=False, group_alive=True) == 128 + signal.SIGTERM
+
+
+def test_the_resume_hint_is_made_only_for_a_line_that_is_printed(shards_and_empty, tmp_path, monkeypatch):
+    """It lists the checkpoints and quotes the command: work a step should not do when nothing stopped."""
+    m, calls = load(NAME), []
+    monkeypatch.setattr(m, "resume_hint", lambda saved: calls.append(saved) or "continue from ...")
+    run7(*shards_and_empty, "--log-dir", tmp_path / "log", "--steps", "3")
+    assert calls == []

@@ -143,6 +143,7 @@ def test_init_stage4():
     assert base.transformer.h[0].attn.c_attn.weight.std().item() > 0.04
 
 
+@pytest.mark.slow  # the 124M model on a CPU
 def test_loss_at_init_is_uniform_guess_124m():
     """GPT-2 124M with stage 4's init predicts ~uniformly: loss within 0.2 of ln(50257) = 10.82."""
     m = load("4_train_init")

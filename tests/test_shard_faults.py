@@ -97,6 +97,7 @@ except m.ShardError as e:
 """
 
 
+@pytest.mark.slow  # 400 batches
 def test_a_shard_cut_short_under_the_run_is_one_line(tmp_path):
     """Case 7: a shard truncated in place while the run reads it: no SIGBUS (the batches come from a
     copy in memory), and the damaged-shard line when the shard is opened again."""
