@@ -147,6 +147,10 @@ def generate(model, idx, max_length, generator=None):
     return idx
 
 
+# ----------------------------------------------------------------------------------------------
+# the command line: each flag checked before any work, one line per mistake (not the lecture's)
+
+
 def flag_range(lo, hi=math.inf, kind=int):
     """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before any work,
     with one line naming the flag (see make_parser)."""
