@@ -1,5 +1,6 @@
-"""Stage 7's checkpoints, all in one place: what model_{n:05d}.pt holds, writing, finding and loading one,
-the check that --resume continues the very run that wrote it, and restoring its state (docs/long-runs.md).
+"""Stage 7's checkpoints, all in one place: what model_{n:05d}.pt holds, writing, finding and
+loading one, the check that --resume continues the very run that wrote it, and restoring its state
+(docs/long-runs.md).
 
 A checkpoint is the state after n optimisation steps: model, optimizer, grad scaler, data-loader
 position (with the train shards' names, sizes and digests of their ends), the CPU RNG, the last val
@@ -7,8 +8,9 @@ loss and `val_step`, the step it was measured at (the loss of the state after va
 --eval-every - 1 steps older than the weights), the model config (a plain dict), and `run`: every
 setting that decides the run's trajectory. A state holding nan or inf is never written.
 `--resume` continues exactly, so the resumed run's
-losses equal the uninterrupted run's, or names in one line what differs and what to pass. -B, the number of
-ranks, the device and the evaluation, checkpoint and sampling flags may change: the same tokens make each step.
+losses equal the uninterrupted run's, or names in one line what differs and what to pass. -B, the
+number of ranks, the device and the evaluation, checkpoint and sampling flags may change: the same
+tokens make each step.
 """
 import errno
 import glob
@@ -22,24 +24,27 @@ from dataclasses import asdict
 
 import torch
 
-# The one table of what decides a run's trajectory: a checkpoint's `run` key -> the flag that sets it.
-# run_record and --help's text are made from it; the model config and the shards are checked too.
+# The one table of what decides a run's trajectory: a checkpoint's `run` key -> the flag that
+# sets it. run_record and --help's text are made from it; the model config and the shards are
+# checked too.
 TRAJECTORY_FLAGS = {"seed": "--seed", "max_lr": "--max-lr", "warmup_steps": "--warmup-steps",
                     "steps": "--steps", "total_batch_size": "--total-batch-size", "T": "-T"}
 MODEL_FLAGS = ("--n-layer", "--n-head", "--n-embd")
 RESUME_MAY_CHANGE = textwrap.fill(  # --help's last lines
-    "--resume continues the run exactly: the model, the train shards and every flag that decides the "
-    f"run ({' '.join([*TRAJECTORY_FLAGS.values(), *MODEL_FLAGS])}) are stored in each checkpoint and "
-    "checked. These may change on --resume: -B and the number of GPUs (the same tokens make each step), "
-    "--device, --compile, --dtype (another dtype's rounding differs slightly), --data-dir (holding the "
-    "same shards), --eval-every, --val-tokens, --hellaswag-file, --hellaswag-limit, --checkpoint-every, "
-    "--num-return-sequences, --max-length, --peak-tflops, --log-dir (moved whole).", 100,
+    "--resume continues the run exactly: the model, the train shards and every flag that decides "
+    f"the run ({' '.join([*TRAJECTORY_FLAGS.values(), *MODEL_FLAGS])}) are stored in each "
+    "checkpoint and checked. These may change on --resume: -B and the number of GPUs (the same "
+    "tokens make each step), --device, --compile, --dtype (another dtype's rounding differs "
+    "slightly), --data-dir (holding the same shards), --eval-every, --val-tokens, "
+    "--hellaswag-file, --hellaswag-limit, --checkpoint-every, --num-return-sequences, "
+    "--max-length, --peak-tflops, --log-dir (moved whole).", 100,
     break_on_hyphens=False)
 
 
 def run_record(args, total_batch_size, T):
-    """This run's trajectory settings, as a checkpoint stores them: TRAJECTORY_FLAGS' keys, with the total
-    batch and T the run uses (the CPU default of --total-batch-size is worked out from -B and -T)."""
+    """This run's trajectory settings, as a checkpoint stores them: TRAJECTORY_FLAGS' keys, with the
+    total batch and T the run uses (the CPU default of --total-batch-size is worked out from -B and
+    -T)."""
     values = {**vars(args), "total_batch_size": total_batch_size, "T": T}
     return {key: values[key] for key in TRAJECTORY_FLAGS}
 
@@ -48,15 +53,17 @@ def checkpoint_state(model, optimizer, scaler, loader, step, val, run):
     """What model_{step:05d}.pt holds: enough to continue exactly (restore), and what makes it this
     run. `val`: (the step the last val loss was measured at, that loss); None before the first."""
     val_step, val_loss = val or (None, None)
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(model.config),
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": asdict(model.config),
             "step": step, "val_loss": val_loss, "val_step": val_step, "scaler": scaler.state_dict(),
             "loader": loader.state_dict(), "run": run, "rng": {"cpu": torch.get_rng_state()}}
 
 
 def save_checkpoint(log_dir, state, saved, last):
-    """Write model_{step:05d}.pt. A failed write (a full disk) is one line and training goes on, the earlier
-    checkpoints kept; if it was the run's last (the end, or a signal), the line, naming the newest checkpoint on
-    disk, is returned for the caller to end the run with. Returns (the newest checkpoint on disk, that line or None)."""
+    """Write model_{step:05d}.pt. A failed write (a full disk) is one line and training goes on, the
+    earlier checkpoints kept; if it was the run's last (the end, or a signal), the line, naming the
+    newest checkpoint on disk, is returned for the caller to end the run with. Returns (the newest
+    checkpoint on disk, that line or None)."""
     path = os.path.join(log_dir, f"model_{state['step']:05d}.pt")
     bad = not_finite(state)
     if bad:  # diverging (the next step's loss stops it): never a checkpoint one cannot train on
@@ -87,11 +94,12 @@ def not_finite(state):
 
 
 def write_atomically(path, state):
-    """torch.save to a .tmp file, flushed to disk, then renamed: a crash mid-write never leaves a torn
-    checkpoint. Returns None, or what went wrong (the .tmp removed)."""
+    """torch.save to a .tmp file, flushed to disk, then renamed: a crash mid-write never leaves a
+    torn checkpoint. Returns None, or what went wrong (the .tmp removed)."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:  # through a Python file: a full disk is OSError ENOSPC, not torch's
+        # through a Python file: a full disk is OSError ENOSPC, not torch's
+        with open(tmp, "wb") as f:
             torch.save(state, f)  # "[enforce fail at inline_container.cc] unexpected pos"
             f.flush()
             os.fsync(f.fileno())
@@ -106,7 +114,8 @@ def write_atomically(path, state):
 
 
 def checkpoints_in(log_dir):
-    """The model_{n}.pt files in log_dir, by step: a name sort would put model_99999.pt after model_100000.pt."""
+    """The model_{n}.pt files in log_dir, by step: a name sort would put model_99999.pt after
+    model_100000.pt."""
     return [path for _, path in sorted(checkpoint_steps(log_dir))]
 
 
@@ -118,9 +127,10 @@ def checkpoint_steps(log_dir):
 
 
 def pick_checkpoint(log_dir, resume, print0):
-    """The checkpoint a run continues from: on --resume the newest in log_dir, None for a fresh run (also on
-    --resume into a log dir without one, so that `torchrun --max-restarts N ... --resume` starts the run too).
-    A fresh run never replaces an earlier run's log.txt or checkpoints. (path, error line)."""
+    """The checkpoint a run continues from: on --resume the newest in log_dir, None for a fresh run
+    (also on --resume into a log dir without one, so that `torchrun --max-restarts N ... --resume`
+    starts the run too). A fresh run never replaces an earlier run's log.txt or checkpoints. (path,
+    error line)."""
     found = checkpoints_in(log_dir)
     steps = [n for n, _ in checkpoint_steps(log_dir)]
     twin = next((n for n in steps if steps.count(n) > 1), None)
@@ -133,34 +143,37 @@ def pick_checkpoint(log_dir, resume, print0):
         print0(f"--resume: no checkpoint in {log_dir} yet; starting a fresh run")
     if not resume and (found or os.path.exists(os.path.join(log_dir, "log.txt"))):
         earlier = os.path.basename(found[-1]) if found else "log.txt"
-        return None, (f"error: {log_dir} holds an earlier run ({earlier}); pass --resume to continue it, "
-                      "or choose another --log-dir")
+        return None, (f"error: {log_dir} holds an earlier run ({earlier}); pass --resume to "
+                      "continue it, or choose another --log-dir")
     return (found[-1] if resume and found else None), None
 
 
 def load_checkpoint(path, device, config, run, shard_sizes):
-    """(the checkpoint, None), or (None, the error line): it cannot be read, or it is another run's (other_run);
-    (None, None) for no path (a fresh run). weights_only: plain types and tensors, no pickled code; torch's
-    legacy (non-zip) format loads too."""
+    """(the checkpoint, None), or (None, the error line): it cannot be read, or it is another run's
+    (other_run); (None, None) for no path (a fresh run). weights_only: plain types and tensors, no
+    pickled code; torch's legacy (non-zip) format loads too."""
     if path is None:
         return None, None
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or not {"model", "optimizer", "config", "step", "loader"} <= set(ckpt):
+        if (not isinstance(ckpt, dict)
+                or not {"model", "optimizer", "config", "step", "loader"} <= set(ckpt)):
             raise ValueError("not a checkpoint of 7_train_ddp_fineweb.py")
-    except Exception as e:  # cut short (an interrupted copy, a full disk), or not a checkpoint at all
-        return None, (f"error: cannot load {path} ({str(e).split('.')[0] or type(e).__name__}); nothing was "
-                      f"deleted: move it out of {os.path.dirname(path)} and --resume takes the one before it")
+    # cut short (an interrupted copy, a full disk), or not a checkpoint at all
+    except Exception as e:
+        return None, (f"error: cannot load {path} ({str(e).split('.')[0] or type(e).__name__}); "
+                      f"nothing was deleted: move it out of {os.path.dirname(path)} and --resume "
+                      "takes the one before it")
     error = other_run(ckpt, path, config, run, shard_sizes)
     return (None, error) if error else (ckpt, None)
 
 
 def other_run(ckpt, path, config, run, shard_sizes):
-    """Why this run is not the checkpoint's (its losses could not equal the uninterrupted run's): one error line
-    naming every difference and what to pass; None if it is the same run."""
+    """Why this run is not the checkpoint's (its losses could not equal the uninterrupted run's):
+    one error line naming every difference and what to pass; None if it is the same run."""
     if ckpt["config"] != asdict(config):
-        return (f"error: {path} holds a model with {ckpt['config']}, this run builds {asdict(config)}; "
-                "pass the same --n-layer/--n-head/--n-embd")
+        return (f"error: {path} holds a model with {ckpt['config']}, this run builds "
+                f"{asdict(config)}; pass the same --n-layer/--n-head/--n-embd")
     theirs = ckpt.get("run") or {}  # (checkpoints of older versions of this script record less)
     if ckpt["step"] >= theirs.get("steps", math.inf) and run["steps"] != theirs["steps"]:
         done = finished(path, ckpt["step"], theirs["steps"])
@@ -169,14 +182,15 @@ def other_run(ckpt, path, config, run, shard_sizes):
     if differ:
         was = " ".join(f"{TRAJECTORY_FLAGS[k]} {theirs[k]}" for k in differ)
         now = " ".join(f"{TRAJECTORY_FLAGS[k]} {run[k]}" for k in differ)
-        return (f"error: {path} was trained with {was}, this run has {now}; pass {was} to continue it exactly, "
-                "or start anew in another --log-dir")
+        return (f"error: {path} was trained with {was}, this run has {now}; pass {was} to continue "
+                "it exactly, or start anew in another --log-dir")
     shards = ckpt["loader"].get("shards", [])  # [name, size, digest] ([name, size] before digests)
     changed = [f"{name} ({size} tokens)" for name, size, *_ in shards
                if shard_sizes.get(name, [None])[0] != size]
     if changed:
-        return (f"error: {path} trained on train shards that are now missing or resized in its --data-dir: "
-                f"{', '.join(changed[:3])}; put them back, or start anew in another --log-dir")
+        return (f"error: {path} trained on train shards that are now missing or resized in its "
+                f"--data-dir: {', '.join(changed[:3])}; put them back, or start anew in another "
+                "--log-dir")
     other = [name for name, _, *digest in shards if digest and shard_sizes[name][1:] != digest]
     if other:  # the same names and sizes, other tokens (their first or last MiB differ)
         return (f"error: {path} trained on other tokens than this --data-dir's train shards of the "
@@ -186,9 +200,9 @@ def other_run(ckpt, path, config, run, shard_sizes):
 
 
 def restore(ckpt, path, model, optimizer, scaler, loader, steps, print0):
-    """The state after ckpt["step"] steps (the loader reads the checkpoint's own train shards), and a line
-    saying so (print0: rank 0's print). Returns (the first step to run, (the step of the last val loss,
-    that loss)); (0, None) without a checkpoint."""
+    """The state after ckpt["step"] steps (the loader reads the checkpoint's own train shards), and
+    a line saying so (print0: rank 0's print). Returns (the first step to run, (the step of the
+    last val loss, that loss)); (0, None) without a checkpoint."""
     if ckpt is None:
         return 0, None
     if ckpt["step"] >= steps:
@@ -201,10 +215,12 @@ def restore(ckpt, path, model, optimizer, scaler, loader, steps, print0):
     loader.load_state_dict(ckpt["loader"])  # and with it the checkpoint's own list of train shards
     added = sorted(set(loader.sizes) - {name for name, *_ in ckpt["loader"].get("shards", [])})
     if added and ckpt["loader"].get("shards"):
-        print0(f"--resume: {len(added)} train shard(s) added since the run started ({added[0]}, ...) are not used; "
-              f"it goes on with its {len(ckpt['loader']['shards'])}")  # fineweb.py still writing, say
+        # fineweb.py still writing, say
+        print0(f"--resume: {len(added)} train shard(s) added since the run started ({added[0]}, "
+               f"...) are not used; it goes on with its {len(ckpt['loader']['shards'])}")
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())  # map_location moved it to the device
-    unrecorded = [flag for key, flag in TRAJECTORY_FLAGS.items() if key not in (ckpt.get("run") or {})]
+    unrecorded = [flag for key, flag in TRAJECTORY_FLAGS.items()
+                  if key not in (ckpt.get("run") or {})]
     if any(len(entry) < 3 for entry in ckpt["loader"].get("shards") or [[]]):  # no digests yet
         unrecorded.append("the train shards' contents")
     if unrecorded:  # written by an older version of stage 7
@@ -223,19 +239,23 @@ LONGER = "to train longer, start a new run with a larger --steps in another --lo
 
 
 def command_line(resume):
-    """This run's command, shell-quoted (a --log-dir with a space stays one argument), with --resume if asked. Under
-    torchrun on several machines, the line to run on each of them, with the rendezvous flags left to the reader."""
+    """This run's command, shell-quoted (a --log-dir with a space stays one argument), with --resume
+    if asked. Under torchrun on several machines, the line to run on each of them, with the
+    rendezvous flags left to the reader."""
     world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     launcher = "python"
     if "RANK" in os.environ:  # torchrun: sys.argv[0] is the script's path, as for python
         launcher = (f"torchrun --standalone --nproc_per_node={local}" if local == world else
-                    f"on each machine: torchrun --nnodes={world // local} --nproc_per_node={local} (+ rdzv flags)")
+                    f"on each machine: torchrun --nnodes={world // local} "
+                    f"--nproc_per_node={local} (+ rdzv flags)")
     argv = sys.argv + (["--resume"] if resume and "--resume" not in sys.argv else [])
     return launcher + " " + shlex.join(argv)
 
 
 def resume_hint(saved):
-    """What a line that ends the run suggests: the command that continues from the newest checkpoint on disk, or,
-    before the first one, the same command (--resume in a log dir without checkpoints starts afresh)."""
+    """What a line that ends the run suggests: the command that continues from the newest checkpoint
+    on disk, or, before the first one, the same command (--resume in a log dir without checkpoints
+    starts afresh)."""
     command = command_line(resume=True)
-    return f"continue from {saved} with: {command}" if saved else f"nothing is saved yet; start again with: {command}"
+    return (f"continue from {saved} with: {command}" if saved
+            else f"nothing is saved yet; start again with: {command}")

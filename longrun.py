@@ -2,9 +2,10 @@
 group and stopping together, signals, the log dir's lock, log.txt, and the shards' checks.
 Checkpoints are in checkpoints.py.
 
-7_train_ddp_fineweb.py imports these; they are not the lecture's ideas, so they stay out of its diff against
-stage 6, which then shows DDP, FineWeb-Edu shards, validation, HellaSwag and checkpoints. Every function here
-is used by stage 7 alone and tested through it (tests/test_ddp.py, tests/test_longrun.py).
+7_train_ddp_fineweb.py imports these; they are not the lecture's ideas, so they stay out of its
+diff against stage 6, which then shows DDP, FineWeb-Edu shards, validation, HellaSwag and
+checkpoints. Every function here is used by stage 7 alone and tested through it
+(tests/test_ddp.py, tests/test_longrun.py).
 """
 import hashlib
 import os
@@ -31,9 +32,10 @@ except ImportError:  # Windows
 
 
 def init_process_group(backend):
-    """dist.init_process_group, made restartable: torchrun shares its store with the workers, and a worker it
-    restarts (--max-restarts) can read the previous attempt's addresses there and never connect (pytorch#135712;
-    `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` also avoids it). So each attempt sets up in its own namespace.
+    """dist.init_process_group, made restartable: torchrun shares its store with the workers, and a
+    worker it restarts (--max-restarts) can read the previous attempt's addresses there and never
+    connect (pytorch#135712; `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` also avoids it). So each attempt
+    sets up in its own namespace.
 
     A collective that waits longer than COLLECTIVE_TIMEOUT_S seconds (default 600: more than the
     first compile, rank 0 writing a checkpoint or a HellaSwag download take) raises in this rank,
@@ -49,36 +51,40 @@ def init_process_group(backend):
         os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return dist.init_process_group(backend=backend, timeout=timeout)
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    attempt = dist.PrefixStore(f"gpt2_attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False)
+    attempt = dist.PrefixStore(
+        f"gpt2_attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend=backend, store=attempt, rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 def rank():
-    """This process's rank, worked out here alone: the process group's once it exists, torchrun's RANK
-    before (set-up), 0 without torchrun. Rank 0 prints, logs, samples and saves checkpoints."""
+    """This process's rank, worked out here alone: the process group's once it exists, torchrun's
+    RANK before (set-up), 0 without torchrun. Rank 0 prints, logs, samples and saves checkpoints."""
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def first_on_its_machine():
-    """Each machine's first rank (torchrun's LOCAL_RANK 0) prints set-up errors: another machine's files
-    may differ."""
+    """Each machine's first rank (torchrun's LOCAL_RANK 0) prints set-up errors: another machine's
+    files may differ."""
     return int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
 def exit_status(error, signum, master, group_alive):
-    """What a run that did not finish exits with: its error line (Python prints it, exit 1) on rank 0 or
-    on a rank whose group is gone (no one else can say it), 1 on the other ranks (rank 0 said it); without
-    an error, 128 + the signal that stopped it, as a shell reports a process a signal ended."""
+    """What a run that did not finish exits with: its error line (Python prints it, exit 1) on rank
+    0 or on a rank whose group is gone (no one else can say it), 1 on the other ranks (rank 0 said
+    it); without an error, 128 + the signal that stopped it, as a shell reports a process a signal
+    ended."""
     if error:
         return error if master or not group_alive else 1
     return 128 + signum
 
 
 def stop_all_on(error, stop, lock=None):
-    """All ranks stop, or none: an error that any rank found at set-up stops every rank (none is left waiting
-    in a collective for one that left); the first rank of each machine prints it, and every rank exits 1."""
+    """All ranks stop, or none: an error that any rank found at set-up stops every rank (none is
+    left waiting in a collective for one that left); the first rank of each machine prints it, and
+    every rank exits 1."""
     if dist.is_initialized():
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
@@ -101,30 +107,34 @@ def every_rank(value):
 
 def ranks_seen():
     """Every rank's (host, pid), gathered at set-up: a rank that dies later can then be named."""
-    peers = [(platform.node(), os.getpid())] * (dist.get_world_size() if dist.is_initialized() else 1)
+    peers = ([(platform.node(), os.getpid())]
+             * (dist.get_world_size() if dist.is_initialized() else 1))
     if dist.is_initialized():
         dist.all_gather_object(peers, (platform.node(), os.getpid()))
     return peers
 
 
 def lost_rank(e, step, peers, saved):
-    """The one line for a rank that died mid-run (killed, crashed), from the error its peers' collectives raise;
-    `peers` is every rank's (host, pid), `saved` the newest checkpoint. Any other error is raised again."""
+    """The one line for a rank that died mid-run (killed, crashed), from the error its peers'
+    collectives raise; `peers` is every rank's (host, pid), `saved` the newest checkpoint. Any other
+    error is raised again."""
     if not dist.is_initialized() or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
         raise e
-    dead = [str(rank) for rank, (host, pid) in enumerate(peers) if host == platform.node() and not alive(pid)]
+    dead = [str(rank) for rank, (host, pid) in enumerate(peers)
+            if host == platform.node() and not alive(pid)]
     who = f"rank {', '.join(dead)} died" if dead else "another rank stopped answering"
     return f"error: step {step}: {who}; this rank stops too, {resume_hint(saved)}"
 
 
 def close_run(stop, lock, group_alive=True):
-    """The end of a run, whatever ended it: the signal handlers go back (main() may run again), the log dir is
-    freed, and the ranks leave the process group together (group_alive=False: a rank is gone, do not wait)."""
+    """The end of a run, whatever ended it: the signal handlers go back (main() may run again), the
+    log dir is freed, and the ranks leave the process group together (group_alive=False: a rank is
+    gone, do not wait)."""
     stop.restore()
     if lock:
         lock.release()
-    if dist.is_initialized() and group_alive:  # wait for rank 0's last checkpoint: a rank that tears
-        dist.barrier()  # down gloo early can abort
+    if dist.is_initialized() and group_alive:  # wait for rank 0's last checkpoint: a rank that
+        dist.barrier()  # tears down gloo early can abort
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -134,16 +144,18 @@ def close_run(stop, lock, group_alive=True):
 
 
 class StopSignals:
-    """SIGTERM (a preemption, `timeout`; torchrun passes it on), SIGHUP (the terminal closed) or Ctrl-C.
-    During set-up a signal ends the run at once, with one line. Once training (`.training = True`), it is noted in
-    `.signum`, the step in progress finishes and is saved, and the run exits 128 + signum. A second Ctrl-C stops at
-    once. (Under torchrun a terminal's Ctrl-C reaches torchrun alone, its workers being in sessions of their own;
-    it sends each worker one SIGINT.)"""
+    """SIGTERM (a preemption, `timeout`; torchrun passes it on), SIGHUP (the terminal closed) or
+    Ctrl-C. During set-up a signal ends the run at once, with one line. Once training (`.training =
+    True`), it is noted in `.signum`, the step in progress finishes and is saved, and the run exits
+    128 + signum. A second Ctrl-C stops at once. (Under torchrun a terminal's Ctrl-C reaches
+    torchrun alone, its workers being in sessions of their own; it sends each worker one
+    SIGINT.)"""
 
     def __init__(self):
         self.signum, self._training, self.stderr = 0, False, sys.stderr
         names = [name for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)]
-        self.handlers = {getattr(signal, name): signal.signal(getattr(signal, name), self.note) for name in names}
+        self.handlers = {getattr(signal, name): signal.signal(getattr(signal, name), self.note)
+                         for name in names}
         if not first_on_its_machine():  # a machine's first rank prints set-up errors
             sys.stderr = SetUpErrorsOnce(self.stderr)
 
@@ -164,19 +176,22 @@ class StopSignals:
     def note(self, signum, frame):
         if not self.training:
             if rank() == 0 and not self.signum:
-                print(f"stopped by {signal.Signals(signum).name} during set-up; nothing was trained or saved",
-                      file=sys.stderr)
+                print(f"stopped by {signal.Signals(signum).name} during set-up; nothing was "
+                      "trained or saved", file=sys.stderr)
             self.signum = self.signum or signum
             self.restore()
-            raise SystemExit(128 + signum)  # unwinds main(): the lock, if taken, is released with the process
+            # unwinds main(): the lock, if taken, is released with the process
+            raise SystemExit(128 + signum)
         self.signum = self.signum or signum
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
-        if signum == getattr(signal, "SIGHUP", None) and sys.stdout.isatty():  # the terminal is gone: print nowhere
+        # the terminal is gone: print nowhere
+        if signum == getattr(signal, "SIGHUP", None) and sys.stdout.isatty():
             sys.stdout = sys.stderr = open(os.devnull, "w")
 
     def agreed(self, device):
-        """The signal any rank got (0: none), the same on every rank, so that all stop after the same step."""
+        """The signal any rank got (0: none), the same on every rank, so that all stop after the
+        same step."""
         if not dist.is_initialized():
             return self.signum
         signum = torch.tensor(self.signum, device=device)
@@ -218,12 +233,12 @@ class SetUpErrorsOnce:
 
 
 class LogDirLock:
-    """{log_dir}/lock, held by rank 0 while it runs: an OS lock (flock; msvcrt on Windows) on the file, which the
-    OS releases when the process ends however it ends (kill -9, a crash, a reboot), so a stale lock never blocks
-    anyone and exactly one of several runs starting at once gets it. The file names the holder (pid, host,
-    torchrun job) for the error line. On POSIX the log dir itself is flock'ed too, so a lock file
-    deleted by hand frees nothing (where a folder cannot be locked, e.g. NFS, the file's lock alone
-    holds); Windows cannot delete a file that is open."""
+    """{log_dir}/lock, held by rank 0 while it runs: an OS lock (flock; msvcrt on Windows) on the
+    file, which the OS releases when the process ends however it ends (kill -9, a crash, a reboot),
+    so a stale lock never blocks anyone and exactly one of several runs starting at once gets it.
+    The file names the holder (pid, host, torchrun job) for the error line. On POSIX the log dir
+    itself is flock'ed too, so a lock file deleted by hand frees nothing (where a folder cannot be
+    locked, e.g. NFS, the file's lock alone holds); Windows cannot delete a file that is open."""
 
     def __init__(self, log_dir):
         self.path, self.file, self.dir = os.path.join(log_dir, "lock"), None, None
@@ -247,7 +262,8 @@ class LogDirLock:
                 return self.in_use()
             except OSError as e:  # a file system without locks (some network or FUSE mounts)
                 f.close()
-                print(f"note: {self.path}: this file system cannot lock ({e.strerror}); run one run at a time here")
+                print(f"note: {self.path}: this file system cannot lock ({e.strerror}); run one "
+                      "run at a time here")
                 return None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
@@ -256,7 +272,8 @@ class LogDirLock:
             if not same:  # we locked a lock file its holder had just removed
                 f.close()
                 continue
-            job = f"{os.environ.get('TORCHELASTIC_RUN_ID', '-')} {os.environ.get('TORCHELASTIC_RESTART_COUNT', '-')}"
+            job = (f"{os.environ.get('TORCHELASTIC_RUN_ID', '-')} "
+                   f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '-')}")
             f.seek(0)
             f.truncate()
             f.write(f"{os.getpid()} {platform.node()} {job}\n")
@@ -264,7 +281,8 @@ class LogDirLock:
             self.file = f
             return None
         self.free_dir()
-        return f"error: could not take the lock {self.path}; is another run starting and stopping there?"
+        return (f"error: could not take the lock {self.path}; is another run starting and stopping "
+                "there?")
 
     def in_use(self):
         """The error line naming the holder (the lock file's pid and host; "?" once deleted)."""
@@ -287,7 +305,8 @@ class LogDirLock:
     def release(self):
         if self.file:
             try:
-                os.remove(self.path)  # while still holding it: a run that opens it now sees another inode
+                # while still holding it: a run that opens it now sees another inode
+                os.remove(self.path)
             except OSError:
                 pass
             self.file.close()
@@ -296,11 +315,12 @@ class LogDirLock:
 
 
 def lock_file(f):
-    """Lock the open file f for this process, or raise BlockingIOError if another process holds it."""
+    """Lock the open file f for this process, or raise BlockingIOError if another process holds
+    it."""
     if fcntl:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    else:  # Windows locks bytes at the file position: one fixed byte far past the text, which stays readable
-        f.seek(1 << 20)
+    else:  # Windows locks bytes at the file position: one fixed byte far past the text, which
+        f.seek(1 << 20)  # stays readable
         try:
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
         except PermissionError as e:
@@ -308,9 +328,9 @@ def lock_file(f):
 
 
 def open_log_dir(log_dir, resume, stop, print0):
-    """Rank 0 locks the log dir and picks the checkpoint to continue (checkpoints.pick_checkpoint; None: a fresh
-    run); every rank gets that pick. Any rank's error stops all. Returns (rank 0's lock or None, the pick, every
-    rank's (host, pid), to name a rank that dies later)."""
+    """Rank 0 locks the log dir and picks the checkpoint to continue (checkpoints.pick_checkpoint;
+    None: a fresh run); every rank gets that pick. Any rank's error stops all. Returns (rank 0's
+    lock or None, the pick, every rank's (host, pid), to name a rank that dies later)."""
     lock, ckpt_path, error = LogDirLock(log_dir) if rank() == 0 else None, None, None
     if lock:
         try:
@@ -322,23 +342,26 @@ def open_log_dir(log_dir, resume, stop, print0):
             ckpt_path, error = pick_checkpoint(log_dir, resume, print0)
     stop_all_on(error, stop, lock)
     ckpt_path = every_rank(ckpt_path)
-    if dist.is_initialized() and resume:  # several machines: each must see the checkpoints rank 0 sees
+    # several machines: each must see the checkpoints rank 0 sees
+    if dist.is_initialized() and resume:
         newest, seen = (checkpoints_in(log_dir) or ["none"])[-1], [None] * dist.get_world_size()
         dist.all_gather_object(seen, os.path.basename(newest))
         if len(set(seen)) > 1:
-            error = (f"error: --resume: the newest checkpoint in {log_dir}, rank by rank: {', '.join(seen)}; "
-                     "put --log-dir on storage every node shares")
+            error = (f"error: --resume: the newest checkpoint in {log_dir}, rank by rank: "
+                     f"{', '.join(seen)}; put --log-dir on storage every node shares")
         stop_all_on(error, stop, lock)
     return lock, ckpt_path, ranks_seen()
 
 
 def alive(pid):
-    """Is process `pid` on this machine running? On Windows, where os.kill terminates a process, assume so."""
+    """Is process `pid` on this machine running? On Windows, where os.kill terminates a process,
+    assume so."""
     if os.name == "nt":
         return True
     try:
         os.kill(pid, 0)  # signal 0: nothing is sent, only the check that the process exists
-        with open(f"/proc/{pid}/stat") as f:  # Linux: a killed worker torchrun has not reaped yet is a zombie
+        # Linux: a killed worker torchrun has not reaped yet is a zombie
+        with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except ProcessLookupError:
         return False
@@ -351,9 +374,9 @@ def alive(pid):
 
 
 class Log:
-    """{log_dir}/log.txt (path None on the other ranks: they write nothing). A failed write (a full disk)
-    is one line, not the end of the run, and the next write that succeeds starts on a fresh line: no
-    entry is glued to a torn one."""
+    """{log_dir}/log.txt (path None on the other ranks: they write nothing). A failed write (a full
+    disk) is one line, not the end of the run, and the next write that succeeds starts on a fresh
+    line: no entry is glued to a torn one."""
 
     def __init__(self, path):
         self.path, self.failed = path, False
@@ -368,7 +391,8 @@ class Log:
                 f.write(text.encode("utf-8"))
         except OSError as e:
             if not self.failed:  # once, until a write succeeds again
-                print(f"error: could not write to {self.path} ({e}); training goes on", file=sys.stderr)
+                print(f"error: could not write to {self.path} ({e}); training goes on",
+                      file=sys.stderr)
             self.failed = True
         else:
             self.failed = False
@@ -379,13 +403,16 @@ class Log:
         return text
 
     def header(self, device, world_size, model, total_batch_size, B, T, resumed_at=None):
-        """The run's # lines: command, versions, device, model size and batch (plot_log.py reads the last)."""
+        """The run's # lines: command, versions, device, model size and batch (plot_log.py reads the
+        last)."""
         chip = torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine()
         c, n_params = model.config, sum(p.numel() for p in model.parameters())
         self.write(f"# command: {command_line(resume=False)}\n"
-                   f"# python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__}"
-                   f" | tiktoken {tiktoken.__version__}\n# device: {world_size} x {device} ({chip})\n"
-                   f"# model: n_layer {c.n_layer} n_head {c.n_head} n_embd {c.n_embd} ({n_params / 1e6:.1f}M params)"
+                   f"# python {platform.python_version()} | torch {torch.__version__} | numpy "
+                   f"{np.__version__} | tiktoken {tiktoken.__version__}\n"
+                   f"# device: {world_size} x {device} ({chip})\n"
+                   f"# model: n_layer {c.n_layer} n_head {c.n_head} n_embd {c.n_embd} "
+                   f"({n_params / 1e6:.1f}M params)"
                    f" | total batch size {total_batch_size} tokens | B {B} T {T}\n"
                    + (f"# resumed at step {resumed_at}\n" if resumed_at is not None else ""))
 
