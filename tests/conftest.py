@@ -59,7 +59,7 @@ def child_env(**extra):
     """The environment of a subprocess a test starts: unbuffered output, and one thread per process.
     A tiny model gains nothing from a second thread, and on a busy 2-core machine the threads of two
     processes (torchrun's ranks, or a test beside another) fight over the cores: 53 s instead of 92."""
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
 def existing(names):
