@@ -145,6 +145,7 @@ def test_resume_into_an_empty_log_dir_starts_fresh(shards, tmp_path):
     assert [r["step"] for r in rows] == [0, 1] and (tmp_path / "log" / "model_00002.pt").exists()
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_resume_with_other_model_size(shards, tmp_path):
     run7("--data-dir", shards, "--log-dir", tmp_path, "--steps", "1")
     proc = run_here(NAME, *RUN, "--n-embd", "64", "--data-dir", shards, "--log-dir", tmp_path, "--resume")
@@ -340,6 +341,7 @@ def test_failed_checkpoint_write_keeps_the_earlier_ones(shards, tmp_path):
     assert [torch.load(log / f"model_{n:05d}.pt", weights_only=True)["step"] for n in (1, 3)] == [1, 3]
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_in_run_hellaswag_scores_the_real_logits_as_hellaswag_py_does(shards, tmp_path, checkpoint):
     """Stage 7's own HellaSwag figure equals `hellaswag.py -m` on the same weights: both score the
     first 50,257 logits. The checkpoint's padding rows are large, so scoring all 50,304 differs."""

@@ -72,6 +72,7 @@ def test_stage1_samples_from_the_export(exported, capsys):
     assert len(check) == 1 and float(check[0].rsplit(" ", 1)[1]) < 1e-5, out
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_a_real_runs_checkpoint_into_an_empty_folder(stage7_run, tmp_path):
     """The checkpoint a real (tiny) stage-7 run wrote; an existing empty OUT_DIR is fine."""
     out = tmp_path / "out"

@@ -188,6 +188,7 @@ def first_line(c):
     return (c.out / "report.md").read_text().splitlines()[0]
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_parts_run_in_order_each_cut_at_its_share_keeping_what_it_measured(tmp_path, monkeypatch):
     monkeypatch.setitem(check.MIN_PART_S, "gpu", 0.2)
     budget = 3.0
@@ -215,6 +216,7 @@ def test_parts_run_in_order_each_cut_at_its_share_keeping_what_it_measured(tmp_p
         assert f"measured {name}" in (c.out / check.RAW_FILES[name]).read_text()
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_time_a_part_leaves_goes_to_the_next(tmp_path, monkeypatch):
     monkeypatch.setitem(check.MIN_PART_S, "gpu", 0.2)
     c = fake_check(tmp_path, "--budget-s", 2)

@@ -127,6 +127,7 @@ def test_a_torch_without_has_triton_runs_eager_on_a_gpu(name, tmp_path, monkeypa
     assert "settings: cuda | B 2 T 32 | autocast fp16 + grad scaler | compile off" in out
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 @pytest.mark.parametrize("name", FAST)
 def test_compile_without_a_compiler_runs_eager_with_one_line(name, tmp_path, monkeypatch):
     """--compile on a CPU with no C++ compiler (a Windows PC without MSVC) trains eagerly and says so;

@@ -300,6 +300,7 @@ def test_not_parquet(tmp_path):
 # ---------------------------------------------------------------------------- a stage-7 checkpoint as -m
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_checkpoint_scores_like_its_export(checkpoint, exported, examples, tmp_path, capsys):
     """-m log/model_N.pt scores our GPT on its first 50257 logits: the same acc / acc_norm as the
     exported GPT2LMHeadModel. The checkpoint's padding rows are large, so scoring all 50304
@@ -434,6 +435,7 @@ def truncated_reference(model, ex, enc, block_size):
     return ex["label"], sums.index(min(sums)), means.index(min(means)), sums, means
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_long_rows_score_their_last_block_size_tokens(model, examples, reference, enc):
     """Rows longer than block_size: the same predictions (and losses) as the plain loop on each row's
     last block_size tokens, batched with short examples whose results do not change."""
@@ -459,6 +461,7 @@ def test_long_rows_score_their_last_block_size_tokens(model, examples, reference
         list(hellaswag.predictions(fn, long, block_size=None))
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_cli_uses_the_models_block_size(model, hf_dir, enc, tmp_path, capsys):
     """-m passes the model's own context: n_positions (64) for a save_pretrained folder, the config's
     block_size (48) for a stage-7 checkpoint; either model fails on a longer input."""
@@ -479,6 +482,7 @@ def test_cli_uses_the_models_block_size(model, hf_dir, enc, tmp_path, capsys):
         f"{acc / n:.4f}", f"{acc_norm / n:.4f}", str(n))
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_stage7_scores_a_row_longer_than_1024_tokens(examples, tmp_path):
     """Stage 7's step-0 HellaSwag on a context of over 1024 tokens: scored (on the last 1024), the run
     goes on; stage 7 calls evaluate(model_fn, examples, 8, device), block_size 1024 by default."""

@@ -322,6 +322,7 @@ def test_damaged_shard_stops_the_run_before_it_trains(damage, shards_and_empty, 
     assert "allow_pickle" not in proc.stderr and not parse_steps(proc.stdout)
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_shard_with_ids_past_the_vocabulary_found_mid_run(tmp_path):
     """A later train shard with bad ids: caught when it is opened, one line with the step and what to do."""
     m = load(NAME)
@@ -340,6 +341,7 @@ def test_shard_with_ids_past_the_vocabulary_found_mid_run(tmp_path):
 # ---------------------------------------------------------------------------- every exit tells the truth
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_a_run_whose_last_checkpoint_cannot_be_written_fails_and_says_so(shards_and_empty, tmp_path):
     """The last checkpoint on a full disk (its .tmp is /dev/full: ENOSPC): the run does not end as a success; the

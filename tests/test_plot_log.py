@@ -31,6 +31,7 @@ def dashed(ax):
     return sorted(line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--")
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_plot_of_a_real_stage7_log(stage7_run, tmp_path):
     log = tmp_path / "log.txt"
     log.write_text((stage7_run / "log.txt").read_text())

@@ -22,6 +22,7 @@ def run_args(tmp_path, shards, *extra):
                    "--log-dir", tmp_path / "log", *extra]
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_resume_on_other_tokens_of_the_same_names_and_sizes_is_refused(tmp_path, capsys):
     """Case 1: the same names and sizes, other tokens: refused in one line naming the shards, nothing
     appended; on the data it trained on, it continues with the uninterrupted run's losses."""
@@ -42,6 +43,7 @@ def test_resume_on_other_tokens_of_the_same_names_and_sizes_is_refused(tmp_path,
     assert [r["step"] for r in rows] == [2, 3] and losses == full[2:]
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_resume_of_a_checkpoint_without_digests_says_so(tmp_path, capsys):
     """Case 1, an older checkpoint (train shards recorded by name and size only): one note says what it
     does not record, and the run goes on."""

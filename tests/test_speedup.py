@@ -36,6 +36,7 @@ def test_sdpa_equals_masked_softmax_attention(name):
         torch.testing.assert_close(sdpa(x), reference(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 @pytest.mark.parametrize("name", existing(SCRIPTS[5:7]))  # stage 7's float32 path: test_ddp.py
 def test_float32_path_is_plain_fp32_and_bf16_autocast_is_really_on(name):
     m = load(name)
