@@ -13,7 +13,7 @@ A change is reverted by swapping one component of the imported stage-8 module (i
 MLP.forward, GPT.__init__ or configure_optimizers) before main runs: the learner's file keeps no
 switches for the benchmark, and each swap is the few lines below.
 
-    python benchmarks/ladder.py            # ~45 min on 2 cores (tiny Shakespeare, 3 seeds)
+    python benchmarks/ladder.py            # ~35 min on 2 idle cores (tiny Shakespeare, 3 seeds, 34 runs)
     python benchmarks/ladder.py --quick    # a few minutes: one seed, fewer steps, no LR search
     python benchmarks/ladder.py --data-dir edu_fineweb10B   # any shards fineweb.py wrote
 """
@@ -215,16 +215,16 @@ def make_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")
     p.add_argument("--data-dir", default=None, help="shards fineweb.py wrote (default: input.txt made into shards)")
-    p.add_argument("--quick", action="store_true", help="a few minutes: one seed, 40 steps, no LR search")
+    p.add_argument("--quick", action="store_true", help="a few minutes: one seed, 20 steps, no LR search")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps per run (default 150; --quick 40)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps per run (default 60; --quick 20)")
     p.add_argument("--model", default="4,4,64", help="n_layer,n_head,n_embd (default 4,4,64)")
     p.add_argument("-B", type=int, default=8)
-    p.add_argument("-T", type=int, default=128)
+    p.add_argument("-T", type=int, default=64)
     p.add_argument("--lr7", default="2e-3,4e-3,8e-3", help="stage 7's --max-lr values to try")
     p.add_argument("--lr8", default="0.025,0.05,0.1", help="stage 8's --max-lr (Muon's) values to try")
-    p.add_argument("--eval-every", type=int, default=None, help="default: steps / 10")
-    p.add_argument("--val-tokens", type=int, default=8192)
+    p.add_argument("--eval-every", type=int, default=None, help="default: steps / 6 (10 for 60 steps)")
+    p.add_argument("--val-tokens", type=int, default=2048)
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each)")
     p.add_argument("--reverts", default=",".join(REVERTS), help="which changes to revert, by name")
     p.add_argument("--work-dir", default=None, help="where runs write their logs (default: a temporary folder)")
@@ -250,7 +250,7 @@ def run_all(jobs, n_parallel):
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    steps = args.steps or (40 if args.quick else 150)
+    steps = args.steps or (20 if args.quick else 60)
     seeds = list(range(1 if args.quick else args.seeds))
     lr7 = [float(x) for x in args.lr7.split(",")]
     lr8 = [float(x) for x in args.lr8.split(",")]
@@ -261,7 +261,7 @@ def main(argv=None):
     if unknown:
         sys.exit(f"error: --reverts {unknown[0]!r} is not one of: {', '.join(REVERTS)}")
     n_layer, n_head, n_embd = (int(x) for x in args.model.split(","))
-    eval_every = args.eval_every or max(1, steps // 10)
+    eval_every = args.eval_every or max(1, steps // 6)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="ladder_"))
     data_dir = args.data_dir or str(make_shards(work / "shards"))
     empty = work / "no_hellaswag.jsonl"
