@@ -13,7 +13,7 @@ A change is reverted by swapping one component of the imported stage-8 module (i
 MLP.forward, GPT.__init__ or configure_optimizers) before main runs: the learner's file keeps no
 switches for the benchmark, and each swap is the few lines below.
 
-    python benchmarks/ladder.py            # ~35 min on 2 idle cores (tiny Shakespeare, 3 seeds, 34 runs)
+    python benchmarks/ladder.py            # 34 runs, ~45 min on 2 cores (tiny Shakespeare, 3 seeds)
     python benchmarks/ladder.py --quick    # a few minutes: one seed, fewer steps, no LR search
     python benchmarks/ladder.py --data-dir edu_fineweb10B   # any shards fineweb.py wrote
 """
@@ -220,7 +220,7 @@ def make_parser():
     p.add_argument("--steps", type=int, default=None, help="optimisation steps per run (default 60; --quick 20)")
     p.add_argument("--model", default="4,4,64", help="n_layer,n_head,n_embd (default 4,4,64)")
     p.add_argument("-B", type=int, default=8)
-    p.add_argument("-T", type=int, default=64)
+    p.add_argument("-T", type=int, default=32)
     p.add_argument("--lr7", default="2e-3,4e-3,8e-3", help="stage 7's --max-lr values to try")
     p.add_argument("--lr8", default="0.025,0.05,0.1", help="stage 8's --max-lr (Muon's) values to try")
     p.add_argument("--eval-every", type=int, default=None, help="default: steps / 6 (10 for 60 steps)")
