@@ -68,8 +68,8 @@ def read_checkpoint(path):
 
 
 def gpt_from_checkpoint(path):
-    """Stage 7's GPT (stage 8's for its checkpoints), built from the checkpoint's config, with its weights, in
-    eval mode."""
+    """Stage 7's GPT (stage 8's for its checkpoints), built from the checkpoint's config, with its
+    weights, in eval mode."""
     ckpt = read_checkpoint(path)
     # its name starts with a digit: no plain import
     stage7 = importlib.import_module(STAGE8 if "logit_softcap" in ckpt["config"] else STAGE7)
@@ -123,9 +123,9 @@ def export(checkpoint, out_dir):
         raise ExportError(f"{out_dir} exists and is not an empty folder; choose another OUT_DIR")
     model = gpt_from_checkpoint(checkpoint)
     if hasattr(model.config, "logit_softcap"):
-        raise ExportError(f"{checkpoint} is a checkpoint of {STAGE8}.py: rotary, RMSNorm, ReLU^2 and a logit "
-                          "softcap are not GPT-2's architecture, so no GPT2LMHeadModel holds it (hellaswag.py -m "
-                          "scores it as it is)")
+        raise ExportError(f"{checkpoint} is a checkpoint of {STAGE8}.py: rotary, RMSNorm, ReLU^2 "
+                          "and a logit softcap are not GPT-2's architecture, so no GPT2LMHeadModel "
+                          "holds it (hellaswag.py -m scores it as it is)")
     tokenizer = gpt2_tokenizer_from_tiktoken()
     hf = to_hf(model)
     parent = os.path.dirname(os.path.abspath(out_dir))

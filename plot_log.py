@@ -92,12 +92,13 @@ def output_problem(log, out):
 
 
 def script_of(path):
-    """The script a log's `# command:` line names (7_train_ddp_fineweb.py, 8_train_modern.py), else "run"."""
+    """The script a log's `# command:` line names (7_train_ddp_fineweb.py, ...), else "run"."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("# command:"):
-                    return next((w for w in line.split() if w.endswith(".py")), "run").rsplit("/", 1)[-1]
+                    script = next((w for w in line.split() if w.endswith(".py")), "run")
+                    return os.path.basename(script)
     except OSError:
         pass
     return "run"
@@ -118,7 +119,8 @@ def moving_average(values, window):
     return (c[i] - c[lo]) / (i - lo)
 
 
-def make_figure(streams, size=None, tokens_per_step=None, smooth=None, ymax=None, title="", others=()):
+def make_figure(streams, size=None, tokens_per_step=None, smooth=None, ymax=None, title="",
+                others=()):
     """The figure and its panels (the loss panel if there are losses, then the HellaSwag panel if
     there are HellaSwag lines). size: "124M" | "350M" | "774M" | "1558M" | None (no baselines).
     ymax: the top of the loss axis; by default 4.0 once the losses go below 3.6 (the lecture's
@@ -147,13 +149,14 @@ def make_figure(streams, size=None, tokens_per_step=None, smooth=None, ymax=None
             if streams["val"]:
                 ax.plot(*series(streams["val"]), color="C1", marker="." if len(streams["val"]) < 50 else None,
                         linewidth=1.5, label="val loss")
-            for i, (label, other) in enumerate(others):  # train loss averaged, val loss: each its colour
+            for i, (label, other) in enumerate(others):  # averaged train loss, val loss: own colour
                 for k, kind_name in (("train", "train loss, mean"), ("val", "val loss")):
                     if other[k]:
                         steps, values = series(other[k])
-                        values = moving_average(values, smooth or max(1, len(values) // 100)) if k == "train" else values
-                        ax.plot(steps, values, color=f"C{3 + i}", linestyle="--" if k == "train" else "-",
-                                linewidth=1.5, label=f"{label}: {kind_name}")
+                        if k == "train":
+                            values = moving_average(values, smooth or max(1, len(values) // 100))
+                        ax.plot(steps, values, color=f"C{3 + i}", linewidth=1.5, label=f"{label}: "
+                                f"{kind_name}", linestyle="--" if k == "train" else "-")
             if size in GPT2_VAL_LOSS:
                 ax.axhline(GPT2_VAL_LOSS[size], color="r", linestyle="--",
                            label=f"OpenAI GPT-2 ({size}) checkpoint val loss {GPT2_VAL_LOSS[size]}")
@@ -206,7 +209,7 @@ def main(argv=None):
     parser.add_argument("--ymax", type=float, default=None,
                         help="top of the loss axis (default: 4.0 once the losses go below 3.6, else all)")
     parser.add_argument("--compare", action="append", default=[], metavar="LOG",
-                        help="another log.txt (a stage-7 run beside a stage-8 one) drawn on the same plot")
+                        help="another log.txt (stage 7's beside stage 8's), on the same plot")
     parser.add_argument("--smooth", type=int, default=None,
                         help="moving-average window of the train loss in steps (default: 1%% of them)")
     args = parser.parse_args(argv)
@@ -248,7 +251,8 @@ def main(argv=None):
         except LogError as e:
             sys.exit(f"error: --compare: {e}")
     title = f"{script_of(args.log)} ({args.log})" if others else args.log
-    fig, _ = make_figure(streams, size, tokens_per_step, args.smooth, args.ymax, title=title, others=others)
+    fig, _ = make_figure(streams, size, tokens_per_step, args.smooth, args.ymax, title=title,
+                         others=others)
     tmp = None
     try:  # a new temporary name: `OUT.tmp` could be an existing file, even the log
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp",

@@ -1,4 +1,4 @@
-"""Stage 7 against stage 8 at a scale this machine runs: the real scripts, the same tokens, several seeds.
+"""Stage 7 against stage 8 at a scale this machine runs: the real scripts, the same tokens, seeds.
 
 Each recipe is a real stage script: its module is imported afresh and its main(argv) called, on the
 same shards, in the same order, at the same batch and steps (the train batches each run takes are
@@ -99,7 +99,7 @@ def gelu(m, opts):
 
 
 def tied_head(m, opts):
-    """lm_head tied to wte (GPT-2's), std 0.02, at the head's LR; projections still zero-initialised."""
+    """lm_head tied to wte (GPT-2's), std 0.02, at the head's LR; projections still start at 0."""
     import torch
     init, build = m.GPT.__init__, m.GPT.configure_optimizers
 
@@ -162,7 +162,7 @@ def fresh_module(name):
 
 
 def run_one(job):
-    """Train one recipe (job: stage, revert, lr, seed, argv, log_dir, opts); return its val curve, the
+    """Train one recipe (job: stage, revert, lr, seed, argv, log_dir, opts); its val curve, the
     digest of the train batches it took, and its time. Runs in this process or in a pool worker."""
     import torch
     torch.set_num_threads(1)
@@ -170,7 +170,7 @@ def run_one(job):
     if job["revert"]:
         REVERTS[job["revert"]](m, job["opts"])
     m.load_hellaswag = lambda *a: None  # no HellaSwag: the val loss is the measure here
-    m.save_checkpoint = lambda log_dir, state, saved, last: (saved, None)  # and no checkpoints to write
+    m.save_checkpoint = lambda log_dir, state, saved, last: (saved, None)  # no checkpoints either
     digest, next_batch = hashlib.sha256(), m.DataLoaderLite.next_batch
 
     def hashed(self):
@@ -178,13 +178,14 @@ def run_one(job):
         digest.update(x.numpy().tobytes() + y.numpy().tobytes())
         return x, y
     m.DataLoaderLite.next_batch = hashed
-    argv = job["argv"] + ["--max-lr", str(job["lr"]), "--seed", str(job["seed"]), "--log-dir", job["log_dir"]]
+    argv = job["argv"] + ["--max-lr", str(job["lr"]), "--seed", str(job["seed"]),
+                          "--log-dir", job["log_dir"]]
     t0, out = time.time(), io.StringIO()
     with redirect_stdout(out):
         m.main(argv)
-    curve = [(int(step), float(value)) for step, kind, value in
-             (line.split() for line in open(os.path.join(job["log_dir"], "log.txt")) if not line.startswith("#"))
-             if kind == "val"]
+    with open(os.path.join(job["log_dir"], "log.txt")) as f:
+        rows = [line.split() for line in f if not line.startswith("#")]
+    curve = [(int(step), float(value)) for step, kind, value in rows if kind == "val"]
     return {**job, "curve": curve, "final": curve[-1][1], "digest": digest.hexdigest()[:12],
             "seconds": time.time() - t0}
 
@@ -212,32 +213,42 @@ def mean_curve(runs):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")
-    p.add_argument("--data-dir", default=None, help="shards fineweb.py wrote (default: input.txt made into shards)")
-    p.add_argument("--quick", action="store_true", help="a few minutes: one seed, 20 steps, no LR search")
+    p.add_argument("--data-dir", default=None,
+                   help="shards fineweb.py wrote (default: input.txt made into shards)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few minutes: one seed, 20 steps, no LR search")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps per run (default 60; --quick 20)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimisation steps per run (default 60; --quick 20)")
     p.add_argument("--model", default="4,4,64", help="n_layer,n_head,n_embd (default 4,4,64)")
     p.add_argument("-B", type=int, default=8)
     p.add_argument("-T", type=int, default=32)
     p.add_argument("--lr7", default="2e-3,4e-3,8e-3", help="stage 7's --max-lr values to try")
-    p.add_argument("--lr8", default="0.025,0.05,0.1", help="stage 8's --max-lr (Muon's) values to try")
-    p.add_argument("--eval-every", type=int, default=None, help="default: steps / 6 (10 for 60 steps)")
+    p.add_argument("--lr8", default="0.025,0.05,0.1",
+                   help="stage 8's --max-lr (Muon's) values to try")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="default: steps / 6 (10 for 60 steps)")
     p.add_argument("--val-tokens", type=int, default=2048)
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each)")
     p.add_argument("--reverts", default=",".join(REVERTS), help="which changes to revert, by name")
-    p.add_argument("--work-dir", default=None, help="where runs write their logs (default: a temporary folder)")
+    p.add_argument("--work-dir", default=None,
+                   help="where runs write their logs (default: a temporary folder)")
     return p
 
 
 def make_shards(out_dir):
-    """input.txt (tiny Shakespeare, 338,025 tokens) as fineweb.py shards of 32,768 tokens: val = the first."""
-    proc = subprocess.run([sys.executable, str(ROOT / "fineweb.py"), "--data-files", str(ROOT / "input.txt"),
-                           "--out-dir", str(out_dir), "--shard-size", "32768", "--workers", "1"],
+    """input.txt (tiny Shakespeare, 338,025 tokens) as fineweb.py shards of 32,768 tokens; val: the
+    first."""
+    proc = subprocess.run([sys.executable, str(ROOT / "fineweb.py"),
+                           "--data-files", str(ROOT / "input.txt"), "--out-dir", str(out_dir),
+                           "--shard-size", "32768", "--workers", "1"],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"error: fineweb.py could not make shards of input.txt: {proc.stderr.strip().splitlines()[-1]}")
+        last = proc.stderr.strip().splitlines()[-1]
+        sys.exit(f"error: fineweb.py could not make shards of input.txt: {last}")
     return out_dir
 
 
@@ -267,10 +278,11 @@ def main(argv=None):
     empty = work / "no_hellaswag.jsonl"
     empty.parent.mkdir(parents=True, exist_ok=True)
     empty.write_text("")
-    # the same for every recipe: the data, its order (the seed), the batch, the steps, the model's size
+    # the same for every recipe: the data, its order (the seed), the batch, the steps, the size
     common = ["--device", "cpu", "--dtype", "float32", "--no-compile", "--data-dir", data_dir,
               "-B", str(args.B), "-T", str(args.T), "--total-batch-size", str(args.B * args.T),
-              "--steps", str(steps), "--warmup-steps", str(max(1, steps // 15)), "--eval-every", str(eval_every),
+              "--steps", str(steps), "--warmup-steps", str(max(1, steps // 15)),
+              "--eval-every", str(eval_every),
               "--val-tokens", str(args.val_tokens), "--checkpoint-every", str(10 ** 9),
               "--num-return-sequences", "1", "--max-length", "9", "--hellaswag-file", str(empty),
               "--n-layer", str(n_layer), "--n-head", str(n_head), "--n-embd", str(n_embd)]
@@ -296,16 +308,17 @@ def main(argv=None):
     more += [job(STAGE8, best8, s, revert, stage7_lr=best7) for revert in reverts for s in seeds]
     runs += run_all(more, args.jobs)
     for r in runs[len(tune):]:
-        print(f"run {r['stage'][0]}{' - ' + r['revert'] if r['revert'] else ''} lr {r['lr']:g} seed {r['seed']}: "
-              f"final val {r['final']:.4f} ({r['seconds']:.0f} s, batches {r['digest']})", flush=True)
+        revert = f" - {r['revert']}" if r["revert"] else ""
+        print(f"run {r['stage'][0]}{revert} lr {r['lr']:g} seed {r['seed']}: final val "
+              f"{r['final']:.4f} ({r['seconds']:.0f} s, batches {r['digest']})", flush=True)
     report(runs, best7, best8, reverts, seeds, steps * args.B * args.T, time.time() - t0)
     return runs
 
 
 def report(runs, best7, best8, reverts, seeds, tokens, seconds):
     def pick(stage, lr, revert=None):
-        return sorted((r for r in runs if r["stage"] == stage and r["lr"] == lr and r["revert"] == revert),
-                      key=lambda r: r["seed"])
+        mine = [r for r in runs if (r["stage"], r["lr"], r["revert"]) == (stage, lr, revert)]
+        return sorted(mine, key=lambda r: r["seed"])
     s7, s8 = pick(STAGE7, best7), pick(STAGE8, best8)
     m7, sd7 = mean_std([r["final"] for r in s7])
     print("\n| recipe | --max-lr | final val loss, mean +- std | each seed | vs stage 8 |")
@@ -318,17 +331,19 @@ def report(runs, best7, best8, reverts, seeds, tokens, seconds):
         each = " ".join(f"{r['final']:.4f}" for r in rs)
         print(f"| {name} | {rs[0]['lr']:g} | {m:.4f} +- {sd:.4f} | {each} | {m - m8:+.4f} |")
     target_step = crossing(mean_curve(s8), m7)
-    # stage 7's final val loss is measured as its last step starts: after (last step) steps of tokens
+    # stage 7's final val loss is measured as its last step starts: after that many steps' tokens
     fraction = None if target_step is None else target_step / s7[0]["curve"][-1][0]
     worst8, best7_final = max(r["final"] for r in s8), min(r["final"] for r in s7)
     print(f"\nstage 8's worst seed {worst8:.4f} vs stage 7's best {best7_final:.4f}: "
           f"{'below' if worst8 < best7_final else 'NOT below'} (goal: below)")
-    print("tokens-to-target: stage 8 reaches stage 7's final mean val loss "
-          f"{m7:.4f} after " + (f"{fraction:.2f} of stage 7's tokens (goal: at most 0.60)" if fraction is not None
-                                else "more than all of stage 7's tokens"))
+    reached = ("more than all of stage 7's tokens" if fraction is None else
+               f"{fraction:.2f} of stage 7's tokens (goal: at most 0.60)")
+    print(f"tokens-to-target: stage 8 reaches stage 7's final mean val loss {m7:.4f} "
+          f"after {reached}")
     same = {r["digest"] for r in runs}
     print(f"train batches: {'the same for every run' if len(same) == 1 else 'DIFFER between runs'} "
-          f"({len(runs)} runs, {tokens:,} tokens each, digest {', '.join(sorted(same))}); {seconds / 60:.1f} min")
+          f"({len(runs)} runs, {tokens:,} tokens each, digest {', '.join(sorted(same))}); "
+          f"{seconds / 60:.1f} min")
     return fraction
 
 

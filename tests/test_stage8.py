@@ -1,5 +1,6 @@
-"""Stage 8 (8_train_modern.py): each change does what its comment says, the run is still stage 7's run (ranks,
-resume), the tools know its checkpoints, and benchmarks/ladder.py gives every recipe the same tokens."""
+"""Stage 8 (8_train_modern.py): each change does what its comment says, the run is still stage 7's
+run (ranks, resume), the tools know its checkpoints, and benchmarks/ladder.py gives every recipe the
+same tokens."""
 import math
 import shutil
 import sys
@@ -7,15 +8,15 @@ import sys
 import pytest
 import torch
 
-from conftest import (ROOT, STAGE7, TINY, TORCHRUN, load, main_error, main_losses, parse_steps, run_script,
-                      write_checkpoint, write_shards)
+from conftest import (ROOT, STAGE7, TINY, TORCHRUN, load, main_error, main_losses, parse_steps,
+                      run_script, write_checkpoint, write_shards)
 
 STAGE8 = "8_train_modern"
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
                                 reason="stage 8 needs torch 2.9 or newer (torch.optim.Muon)")
-RUN8 = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "256", "--dtype", "float32",
-               "--no-compile", "--eval-every", "1000", "--val-tokens", "256", "--num-return-sequences", "1",
-               "--max-length", "9"]
+RUN8 = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--total-batch-size", "256",
+               "--dtype", "float32", "--no-compile", "--eval-every", "1000", "--val-tokens", "256",
+               "--num-return-sequences", "1", "--max-length", "9"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def tiny(m, **kw):
 
 
 def scores(m, attn, x, offset):
-    """Attention scores q.k (B, nh, T, T) of attn for x (B, T, C) placed at positions offset..offset+T-1."""
+    """Attention scores q.k (B, nh, T, T) of attn for x (B, T, C) at positions offset, offset+1..."""
     B, T, C = x.shape
     q, k, _ = attn.c_attn(x).split(C, dim=2)
     q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))
@@ -43,12 +44,12 @@ def test_rotary_attention_depends_only_on_relative_position(m):
     x = torch.randn(1, 8, 32)
     with torch.no_grad():
         at0, at20 = scores(m, attn, x, 0), scores(m, attn, x, 20)
-        # the same tokens one place apart: the score of a query with a key 1 back differs from 2 back
+        # one token repeated: a query's score with the key 1 back differs from 2 back
         same = x[:, :1].repeat(1, 8, 1)
         repeated = scores(m, attn, same, 0)
     assert torch.allclose(at0, at20, atol=1e-5)  # shifting the whole sequence changes no score
-    assert (repeated[0, 0, 5, 4] - repeated[0, 0, 5, 3]).abs() > 1e-3  # but how far back a key is does
-    assert torch.allclose(repeated[0, 0, 5, 4], repeated[0, 0, 7, 6], atol=1e-5)  # ... and only that
+    assert (repeated[0, 0, 5, 4] - repeated[0, 0, 5, 3]).abs() > 1e-3  # how far back a key is does
+    assert torch.allclose(repeated[0, 0, 5, 4], repeated[0, 0, 7, 6], atol=1e-5)  # and only that
 
 
 def test_zero_init_starts_at_the_uniform_guess(m):
@@ -56,7 +57,7 @@ def test_zero_init_starts_at_the_uniform_guess(m):
     idx = torch.randint(0, 50257, (2, 16))
     _, loss = model(idx, idx)
     assert loss.item() == pytest.approx(math.log(50304), abs=1e-3)
-    projections = [b.attn.c_proj.weight for b in model.transformer.h] + [b.mlp.c_proj.weight for b in model.transformer.h]
+    projections = [p.weight for b in model.transformer.h for p in (b.attn.c_proj, b.mlp.c_proj)]
     assert all(p.abs().max() == 0 for p in projections)  # each block starts as the identity
     assert model.lm_head.weight is not model.transformer.wte.weight  # untied
 
@@ -71,11 +72,12 @@ def test_softcap_bounds_every_logit(m):
 
 
 class FakeMuon(torch.optim.SGD):
-    """Stands in for torch.optim.Muon, whose first construction imports torch._dynamo (~10 s here): it
-    takes Muon's arguments and keeps its param groups, which is what these tests look at."""
+    """Stands in for torch.optim.Muon, whose first construction imports torch._dynamo (~10 s here):
+    it takes Muon's arguments and keeps its param groups, which is what these tests look at."""
 
     def __init__(self, params, lr, weight_decay, momentum, nesterov):
-        super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
+        super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                         nesterov=nesterov)
 
 
 def test_muon_gets_exactly_the_blocks_matrices(m, monkeypatch):
@@ -97,9 +99,11 @@ def test_muon_gets_exactly_the_blocks_matrices(m, monkeypatch):
 def test_each_group_keeps_its_multiple_of_the_schedule(m, monkeypatch):
     monkeypatch.setattr(torch.optim, "Muon", FakeMuon)
     optimizers = tiny(m).configure_optimizers(0.1, 0.05, "cpu", log=lambda *a: None)
-    assert sorted(g["lr"] / 0.05 for g in optimizers.param_groups) == pytest.approx([0.16, 1.0, 12.0])
+    ratios = sorted(g["lr"] / 0.05 for g in optimizers.param_groups)
+    assert ratios == pytest.approx([0.16, 1.0, 12.0])
     lrs = [m.get_lr(s, 0.05, 10, 100) for s in (0, 9, 10, 59, 60, 80, 99)]
-    assert lrs == pytest.approx([0.005, 0.05, 0.05, 0.05, 0.05, 0.025, 0.00125])  # warmup, flat, cooldown to 0
+    # warmup, flat, a linear cooldown to 0 over the last 40 steps
+    assert lrs == pytest.approx([0.005, 0.05, 0.05, 0.05, 0.05, 0.025, 0.00125])
 
 
 def test_an_old_torch_gets_one_line(m, monkeypatch):
@@ -108,13 +112,15 @@ def test_an_old_torch_gets_one_line(m, monkeypatch):
 
 
 def test_rotary_needs_an_even_head_size(m):
-    assert "multiple of 2 x --n-head" in main_error(m, ["--device", "cpu", "--n-embd", "30", "--n-head", "2"])
+    line = main_error(m, ["--device", "cpu", "--n-embd", "30", "--n-head", "2"])
+    assert "multiple of 2 x --n-head" in line
 
 
 # ---------------------------------------------------------------------------- runs (slow)
 
 def write_stage8_checkpoint(path, m):
-    """A checkpoint as stage 8 saves one, of a tiny model (its optimizer state is resume's, not needed here)."""
+    """A checkpoint as stage 8 saves one, of a tiny model (no optimizer state: resume's, not the
+    tools')."""
     from dataclasses import asdict
     model = tiny(m, vocab_size=50304, block_size=1024)
     with torch.no_grad():
@@ -140,13 +146,15 @@ def args8(shards, log_dir, *more):
 
 @pytest.mark.slow
 def test_resume_continues_exactly_with_muons_momentum(m, shards, tmp_path):
-    _, rows, straight = main_losses(m, args8(shards, tmp_path / "a", "--steps", "6", "--checkpoint-every", "3"))
+    argv = args8(shards, tmp_path / "a", "--steps", "6", "--checkpoint-every", "3")
+    _, rows, straight = main_losses(m, argv)
     ckpt = torch.load(tmp_path / "a" / "model_00003.pt", weights_only=True)
     muon_state = ckpt["optimizer"]["optimizers"][0]["state"]
     assert muon_state and all(s["momentum_buffer"].abs().sum() > 0 for s in muon_state.values())
     (tmp_path / "b").mkdir()
     shutil.copy(tmp_path / "a" / "model_00003.pt", tmp_path / "b")
-    _, resumed_rows, resumed = main_losses(m, args8(shards, tmp_path / "b", "--steps", "6", "--resume"))
+    argv = args8(shards, tmp_path / "b", "--steps", "6", "--resume")
+    _, resumed_rows, resumed = main_losses(m, argv)
     assert [r["step"] for r in resumed_rows] == [3, 4, 5]
     assert resumed == straight[3:]  # exactly
 
@@ -155,13 +163,14 @@ def test_resume_continues_exactly_with_muons_momentum(m, shards, tmp_path):
 def test_two_ranks_equal_one_process(shards, tmp_path):
     argv = [str(a) for a in args8(shards, tmp_path / "one", "--steps", "4")]
     one = run_script(STAGE8, *argv)
-    two = run_script(STAGE8, *[a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in argv],
-                     cmd=TORCHRUN + [f"{STAGE8}.py"])
+    argv2 = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in argv]
+    two = run_script(STAGE8, *argv2, cmd=TORCHRUN + [f"{STAGE8}.py"])
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     a, b = parse_steps(one.stdout), parse_steps(two.stdout)
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):  # the same batches, the gradients summed in another order
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["norm"] == pytest.approx(y["norm"], rel=1e-4)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["norm"] == pytest.approx(y["norm"], rel=1e-4)
 
 
 def resume_refused(module, argv, capsys):
@@ -181,7 +190,8 @@ def test_a_stage7_checkpoint_is_refused_by_stage8_and_the_reverse(m, shards, tmp
     assert "is a checkpoint of 7_train_ddp_fineweb.py, another model" in line
     (tmp_path / "eight").mkdir()
     write_stage8_checkpoint(tmp_path / "eight" / "model_00004.pt", m)
-    line = resume_refused(load(STAGE7), args8(shards, tmp_path / "eight", "--steps", "6", "--resume"), capsys)
+    argv = args8(shards, tmp_path / "eight", "--steps", "6", "--resume")
+    line = resume_refused(load(STAGE7), argv, capsys)
     assert "is a checkpoint of 8_train_modern.py, another model" in line
 
 
@@ -195,7 +205,7 @@ def test_hellaswag_scores_and_export_refuses_a_stage8_checkpoint(m, tmp_path):
     model_fn, block_size = hellaswag.load_model(str(path), "cpu")
     assert block_size == 1024
     idx = torch.randint(0, 50257, (1, 12))
-    assert torch.equal(model_fn(idx), model(idx)[0][..., :50257])  # stage 8's own model, its weights
+    assert torch.equal(model_fn(idx), model(idx)[0][..., :50257])  # stage 8's model, its weights
     assert hellaswag.evaluate(model_fn, examples)[0] == 4
     with pytest.raises(export_hf.ExportError, match="is a checkpoint of 8_train_modern.py"):
         export_hf.export(str(path), str(tmp_path / "out"))
@@ -208,13 +218,13 @@ def test_the_ladder_gives_every_recipe_the_same_tokens(shards, tmp_path):
     import ladder
     argv = [str(a) for a in args8(shards, "unused", "--steps", "2", "--eval-every", "1")]
     argv = argv[:argv.index("--log-dir")] + argv[argv.index("--log-dir") + 2:]
-    jobs = [dict(stage=stage, revert=revert, lr=lr, seed=5, argv=argv, log_dir=str(tmp_path / f"r{i}"),
-                 opts={"stage7_lr": 1e-3})
+    jobs = [dict(stage=stage, revert=revert, lr=lr, seed=5, argv=argv,
+                 log_dir=str(tmp_path / f"r{i}"), opts={"stage7_lr": 1e-3})
             for i, (stage, revert, lr) in enumerate([(STAGE7, None, 1e-3), (STAGE8, None, 0.05),
                                                      (STAGE8, "rotary -> learned wpe", 0.05),
                                                      (STAGE8, "Muon -> AdamW", 0.05)])]
     runs = [ladder.run_one(job) for job in jobs]
-    # the batches a plain loader of the same shards deals for seed 5: 2 steps of 8 slices of 32 tokens
+    # the batches a plain loader of the same shards deals for seed 5: 2 steps of 4 (2, 32) batches
     s7 = load(STAGE7)
     loader = s7.DataLoaderLite(str(shards), "train", 2, 32, 0, 1, 5, 256)
     import hashlib
@@ -231,14 +241,16 @@ def test_plot_log_draws_a_stage7_and_a_stage8_log_on_one_plot(tmp_path, monkeypa
     import plot_log
     logs = {}
     for stage, script in ((7, "7_train_ddp_fineweb.py"), (8, "8_train_modern.py")):
-        lines = [f"# command: python {script} --steps 20", "# model: n_layer 2 n_head 2 n_embd 32 (1.6M params) | "
-                 "B 2 T 32 | total batch size 256 tokens"]
-        lines += [f"{s} train {10 - s / (stage * 2):.4f}" for s in range(20)] + ["0 val 10.8", f"19 val {8.8 - stage / 10}"]
+        lines = [f"# command: python {script} --steps 20", "# model: n_layer 2 n_head 2 n_embd 32 "
+                 "(1.6M params) | B 2 T 32 | total batch size 256 tokens"]
+        lines += [f"{s} train {10 - s / (stage * 2):.4f}" for s in range(20)]
+        lines += ["0 val 10.8", f"19 val {8.8 - stage / 10}"]
         logs[stage] = tmp_path / f"log{stage}.txt"
         logs[stage].write_text("\n".join(lines) + "\n")
     drawn = {}
     make_figure = plot_log.make_figure
-    monkeypatch.setattr(plot_log, "make_figure", lambda *a, **kw: drawn.setdefault("fig", make_figure(*a, **kw)))
+    monkeypatch.setattr(plot_log, "make_figure",
+                        lambda *a, **kw: drawn.setdefault("fig", make_figure(*a, **kw)))
     plot_log.main([str(logs[8]), "--compare", str(logs[7]), "-o", str(tmp_path / "both.png")])
     fig, panels = drawn["fig"]
     labels = [line.get_label() for line in panels[0].get_lines()]
