@@ -1,33 +1,20 @@
-"""Stage 7: the full run: DDP on FineWeb-Edu, with validation, HellaSwag, sampling, checkpoints.
+"""Stage 8, beyond the lecture: stage 7's run with what came after GPT-2, in model and optimizer.
 
-New in this stage (lecture 02:46:52-03:43:05, "distributed data parallel", "datasets used in GPT-2,
-GPT-3, FineWeb (EDU)", "validation data split, validation loss, sampling revive", "evaluation:
-HellaSwag, starting the run"):
-- DDP under torchrun (nccl on CUDA where torch has it, gloo otherwise), on one machine or several;
-  plain `python 7_...` runs one process
-- DataLoaderLite reads fineweb.py's uint16 shards, memory-mapped; a step's micro-batches are
-  dealt round-robin to the ranks; train shards are visited in a seeded order, new each epoch
-- every --eval-every steps: val loss on the val shard's first --val-tokens tokens, dealt across the
-  ranks (so 1 GPU and 8 report the same figure; the lecture's 8-GPU 10,485,760 by default),
-  HellaSwag acc_norm on all ranks' share of the examples, samples from the model (all of it works
-  with torch.compile on)
-- {log-dir}/log.txt (header: command, versions, device, model size, batch; plot_log.py draws it)
-  and checkpoints model_{n:05d}.pt that --resume continues from exactly (checkpoints.py; export_hf.py
-  and hellaswag.py -m read them)
-- main() reads like the lecture's script: set-up, data, model, optimizer, then the loop with
-  evaluation, the step and the log
-- long runs (longrun.py and checkpoints.py, not the lecture's, kept out of this diff): one run per
-  log dir (an OS lock); a signal during set-up ends in one line; SIGTERM, SIGHUP or Ctrl-C in
-  training finish the step, save it (all ranks stop after the same step) and print the command that
-  continues; --resume continues the checkpoint's own run (seed, LR schedule, batch, T, model, shards)
-  or names what differs, and starts fresh in an empty log dir (torchrun --max-restarts); a diverged
-  run, a rank that died, a damaged shard or checkpoint, a failed write: one line, nothing deleted; a
-  run whose last checkpoint could not be written does not exit 0
-- defaults: the lecture's 10B-token run (B=64, T=1024, 19,073 steps, warmup 715); small on CPU
+New in this stage (not in the lecture; the changes the GPT-2 speedrun, modded-nanogpt, measured at
+124M on FineWeb, each a labelled block below with what it does, why, and the record's figure):
+- change 1: rotary position embeddings on q and k instead of the learned wpe table
+- change 2: RMSNorm (F.rms_norm, no gain) instead of LayerNorm, no biases, QK-norm in attention
+- change 3: ReLU^2 instead of GELU in the MLP
+- change 4: an untied lm_head; lm_head and every block's c_proj start at 0 (step 0 loss = ln(vocab))
+- change 5: logit soft-capping, 15 * tanh(logits / 15)
+- change 6: torch.optim.Muon (PyTorch 2.9+) for the blocks' matrices, AdamW for the embeddings and
+  the head, each group a fixed multiple of --max-lr (Muon's); warmup, constant, linear cooldown
+- defaults: the lecture's run (B=64, T=1024, 524,288 tokens a step) in 5,000 steps, not 19,073;
+  small on CPU as stage 7. Everything else (data, DDP, evaluation, log, checkpoints, --resume,
+  long runs, flags) is stage 7's. docs/stage-8.md has the figures and benchmarks/ladder.py's.
 
-Run:   python fineweb.py --download                               (~10B tokens in 100 shards)
-       torchrun --standalone --nproc_per_node=8 7_train_ddp_fineweb.py
-Diff:  diff 6_train_hyperparams.py 7_train_ddp_fineweb.py
+Run:   torchrun --standalone --nproc_per_node=8 8_train_modern.py
+Diff:  diff 7_train_ddp_fineweb.py 8_train_modern.py
 """
 import argparse
 import glob
