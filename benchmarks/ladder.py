@@ -340,10 +340,18 @@ def report(runs, best7, best8, reverts, seeds, tokens, seconds):
                f"{fraction:.2f} of stage 7's tokens (goal: at most 0.60)")
     print(f"tokens-to-target: stage 8 reaches stage 7's final mean val loss {m7:.4f} "
           f"after {reached}")
-    same = {r["digest"] for r in runs}
-    print(f"train batches: {'the same for every run' if len(same) == 1 else 'DIFFER between runs'} "
-          f"({len(runs)} runs, {tokens:,} tokens each, digest {', '.join(sorted(same))}); "
-          f"{seconds / 60:.1f} min")
+    print("\n| after step | stage 7, mean val loss | stage 8, mean val loss |")
+    print("| ---: | ---: | ---: |")
+    for (step, v7), (_, v8) in zip(mean_curve(s7), mean_curve(s8)):
+        print(f"| {step} | {v7:.4f} | {v8:.4f} |")
+    digests = {}  # the data order is the seed's: at one seed, every recipe takes the same batches
+    for r in runs:
+        digests.setdefault(r["seed"], set()).add(r["digest"])
+    same = all(len(d) == 1 for d in digests.values())
+    each = ", ".join(f"seed {seed} {' '.join(sorted(d))}" for seed, d in sorted(digests.items()))
+    verdict = "at each seed the same for every recipe" if same else "DIFFER between recipes"
+    print(f"train batches: {verdict} "
+          f"({len(runs)} runs, {tokens:,} tokens each; {each}); {seconds / 60:.1f} min")
     return fraction
 
 
