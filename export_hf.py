@@ -29,6 +29,7 @@ import tiktoken
 import torch
 
 STAGE7 = "7_train_ddp_fineweb"  # the script whose checkpoints (model_{n:05d}.pt) this reads
+STAGE8 = "8_train_modern"  # its checkpoints' config has a logit_softcap; hellaswag.py -m reads them
 VOCAB_SIZE = 50257  # GPT-2's real tokens; a checkpoint's vocab is padded to 50304
 # OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -67,9 +68,11 @@ def read_checkpoint(path):
 
 
 def gpt_from_checkpoint(path):
-    """Stage 7's GPT, built from the checkpoint's config, with its weights, in eval mode."""
+    """Stage 7's GPT (stage 8's for its checkpoints), built from the checkpoint's config, with its
+    weights, in eval mode."""
     ckpt = read_checkpoint(path)
-    stage7 = importlib.import_module(STAGE7)  # its name starts with a digit: no plain import
+    # its name starts with a digit: no plain import
+    stage7 = importlib.import_module(STAGE8 if "logit_softcap" in ckpt["config"] else STAGE7)
     try:
         model = stage7.GPT(stage7.GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
@@ -119,6 +122,10 @@ def export(checkpoint, out_dir):
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
         raise ExportError(f"{out_dir} exists and is not an empty folder; choose another OUT_DIR")
     model = gpt_from_checkpoint(checkpoint)
+    if hasattr(model.config, "logit_softcap"):
+        raise ExportError(f"{checkpoint} is a checkpoint of {STAGE8}.py: rotary, RMSNorm, ReLU^2 "
+                          "and a logit softcap are not GPT-2's architecture, so no GPT2LMHeadModel "
+                          "holds it (hellaswag.py -m scores it as it is)")
     tokenizer = gpt2_tokenizer_from_tiktoken()
     hf = to_hf(model)
     parent = os.path.dirname(os.path.abspath(out_dir))

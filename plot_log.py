@@ -8,6 +8,7 @@ The size for the baselines comes from the log's `# model:` header line, or --siz
 
     python plot_log.py                              # log/log.txt -> log/log.png
     python plot_log.py runs/350M/log.txt -o 350M.png --size 350M
+    python plot_log.py log8/log.txt --compare log/log.txt   # stage 8's run and stage 7's, one plot
 
 A step written twice (a run resumed from a checkpoint older than its last logged step) counts
 once: the later line wins, as the resumed run's values are the ones the checkpoints continue.
@@ -90,6 +91,19 @@ def output_problem(log, out):
     return None
 
 
+def script_of(path):
+    """The script a log's `# command:` line names (7_train_ddp_fineweb.py, ...), else "run"."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("# command:"):
+                    script = next((w for w in line.split() if w.endswith(".py")), "run")
+                    return os.path.basename(script)
+    except OSError:
+        pass
+    return "run"
+
+
 def series(stream):
     """(steps, values) in step order."""
     steps = sorted(stream)
@@ -105,11 +119,13 @@ def moving_average(values, window):
     return (c[i] - c[lo]) / (i - lo)
 
 
-def make_figure(streams, size=None, tokens_per_step=None, smooth=None, ymax=None, title=""):
+def make_figure(streams, size=None, tokens_per_step=None, smooth=None, ymax=None, title="",
+                others=()):
     """The figure and its panels (the loss panel if there are losses, then the HellaSwag panel if
     there are HellaSwag lines). size: "124M" | "350M" | "774M" | "1558M" | None (no baselines).
     ymax: the top of the loss axis; by default 4.0 once the losses go below 3.6 (the lecture's
-    view of a finished run: the first few hundred steps' losses, 11 -> 4, would squash the rest)."""
+    view of a finished run: the first few hundred steps' losses, 11 -> 4, would squash the rest).
+    others: [(label, streams)] of other logs, drawn beside this one (--compare), labelled."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed: renders straight to a PNG
     import matplotlib.pyplot as plt
@@ -133,6 +149,14 @@ def make_figure(streams, size=None, tokens_per_step=None, smooth=None, ymax=None
             if streams["val"]:
                 ax.plot(*series(streams["val"]), color="C1", marker="." if len(streams["val"]) < 50 else None,
                         linewidth=1.5, label="val loss")
+            for i, (label, other) in enumerate(others):  # averaged train loss, val loss: own colour
+                for k, kind_name in (("train", "train loss, mean"), ("val", "val loss")):
+                    if other[k]:
+                        steps, values = series(other[k])
+                        if k == "train":
+                            values = moving_average(values, smooth or max(1, len(values) // 100))
+                        ax.plot(steps, values, color=f"C{3 + i}", linewidth=1.5, label=f"{label}: "
+                                f"{kind_name}", linestyle="--" if k == "train" else "-")
             if size in GPT2_VAL_LOSS:
                 ax.axhline(GPT2_VAL_LOSS[size], color="r", linestyle="--",
                            label=f"OpenAI GPT-2 ({size}) checkpoint val loss {GPT2_VAL_LOSS[size]}")
@@ -151,6 +175,9 @@ def make_figure(streams, size=None, tokens_per_step=None, smooth=None, ymax=None
         else:
             ax.plot(*series(streams["hella"]), color="C2", marker="." if len(streams["hella"]) < 50 else None,
                     label="ours, acc_norm")
+            for i, (label, other) in enumerate(others):
+                if other["hella"]:
+                    ax.plot(*series(other["hella"]), color=f"C{3 + i}", label=f"{label}: acc_norm")
             if size in GPT2_HELLA:
                 ax.axhline(GPT2_HELLA[size], color="r", linestyle="--",
                            label=f"OpenAI GPT-2 ({size}) checkpoint {GPT2_HELLA[size]}")
@@ -182,6 +209,8 @@ def main(argv=None):
                         help="the GPT-2 size whose baselines to draw (default: from the log's header)")
     parser.add_argument("--ymax", type=float, default=None,
                         help="top of the loss axis (default: 4.0 once the losses go below 3.6, else all)")
+    parser.add_argument("--compare", action="append", default=[], metavar="LOG",
+                        help="another log.txt (stage 7's beside stage 8's), on the same plot")
     parser.add_argument("--smooth", type=int, default=None,
                         help="moving-average window of the train loss in steps (default: 1%% of them)")
     args = parser.parse_args(argv)
@@ -216,7 +245,15 @@ def main(argv=None):
             step = pick(streams[kind], key=streams[kind].get)
             print(f"{'min' if pick is min else 'max'} {name} {streams[kind][step]:.4f} at step {step}")
 
-    fig, _ = make_figure(streams, size, tokens_per_step, args.smooth, args.ymax, title=args.log)
+    others = []
+    for path in args.compare:  # each labelled by the script that wrote it (its `# command:` line)
+        try:
+            others.append((f"{script_of(path)} ({path})", read_log(path)[0]))
+        except LogError as e:
+            sys.exit(f"error: --compare: {e}")
+    title = f"{script_of(args.log)} ({args.log})" if others else args.log
+    fig, _ = make_figure(streams, size, tokens_per_step, args.smooth, args.ymax, title=title,
+                         others=others)
     tmp = None
     try:  # a new temporary name: `OUT.tmp` could be an existing file, even the log
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp",

@@ -1,0 +1,710 @@
+"""Stage 8, beyond the lecture: stage 7's run with what came after GPT-2, in model and optimizer.
+
+New in this stage (not in the lecture; the changes the GPT-2 speedrun, modded-nanogpt, measured at
+124M on FineWeb, each a labelled block below with what it does, why, and the record's figure):
+- change 1: rotary position embeddings on q and k instead of the learned wpe table
+- change 2: RMSNorm (F.rms_norm, no gain) instead of LayerNorm, no biases, QK-norm in attention
+- change 3: ReLU^2 instead of GELU in the MLP
+- change 4: an untied lm_head; lm_head and every block's c_proj start at 0 (step 0 loss = ln(vocab))
+- change 5: logit soft-capping, 15 * tanh(logits / 15)
+- change 6: torch.optim.Muon (PyTorch 2.9+) for the blocks' matrices, AdamW for the embeddings and
+  the head, each group a fixed multiple of --max-lr (Muon's); warmup, constant, linear cooldown
+- defaults: the lecture's run (B=64, T=1024, 524,288 tokens a step) in 5,000 steps, not 19,073;
+  small on CPU as stage 7. Everything else (data, DDP, evaluation, log, checkpoints, --resume,
+  long runs, flags) is stage 7's. docs/stage-8.md has the figures and benchmarks/ladder.py's.
+
+Run:   torchrun --standalone --nproc_per_node=8 8_train_modern.py
+Diff:  diff 7_train_ddp_fineweb.py 8_train_modern.py
+"""
+import argparse
+import glob
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+try: from torch.utils._triton import has_triton  # private to torch: a torch without it has "no Triton"
+except ImportError: has_triton = lambda: False  # so a GPU runs eager, and says so
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from hellaswag import HellaSwagError, evaluate, iterate_examples
+from checkpoints import (RESUME_MAY_CHANGE, checkpoint_state, load_checkpoint, restore, resume_hint, run_record,
+                         save_checkpoint)
+from longrun import Log, StopSignals, close_run, init_process_group, lost_rank, open_log_dir, stop_all_on
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length (GPT-2 paper, section 2.3)
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + 1 <|endoftext|>
+    n_layer: int = 12  # GPT-2 124M; medium/large/xl: 24/36/48
+    n_head: int = 12  # 12/16/20/25
+    n_embd: int = 768  # 768/1024/1280/1600
+    logit_softcap: float = 15.0  # logits stay within +-15 (see GPT.forward)
+
+
+# ---- change 2: RMSNorm instead of LayerNorm, no biases, QK-norm (in CausalSelfAttention)
+# What: divide by the root mean square of the channels; no mean subtracted, no gain, no bias, and
+# no bias in any Linear either. Why: the same job as LayerNorm with fewer operations and no
+# parameters for weight decay or the optimizer to handle. The record's figure: ReLU^2, QK-norm and
+# zero-initialised projections together took the steps to val loss 3.28 from 6,200 to 5,100.
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))  # x / sqrt(mean(x^2) + eps) over the channels
+
+
+# ---- change 1: rotary position embeddings (RoPE, Su et al. 2021) instead of the learned wpe
+# What: rotate each pair of a head's query and key channels by the angle position * frequency,
+# with frequencies from 1 down to 1/10000. Why: a rotated q and k have a dot product that depends
+# only on how far apart the two tokens are, so attention learns "3 tokens back" once, not at each
+# of 1,024 positions, and no 1024 x 768 table is learned. In the record from its first step.
+def rotary(x, cos, sin):
+    """x (B, nh, T, hs) with its channel pairs (i, i + hs/2) rotated by angles (T, hs/2)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    cos, sin = cos.type_as(x), sin.type_as(x)  # autocast: keep q and k in bf16
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        # query, key and value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        # output projection back into the residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_proj.ZERO_INIT = 1  # a residual projection: starts at 0 (see GPT._init_weights)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        # rotary's angles, position t x frequency 10000^(-2i/hs), for every t: (block_size, hs/2)
+        hs = config.n_embd // config.n_head
+        freq = 10000.0 ** (-torch.arange(0, hs, 2, dtype=torch.float32) / hs)
+        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)  # not weights: not in the
+        self.register_buffer("sin", angles.sin(), persistent=False)  # state dict, never trained
+
+    def forward(self, x):
+        B, T, C = x.size()  # batch size, sequence length, embedding dim (n_embd)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        q, k, v = qkv.split(self.n_embd, dim=2)
+        # split C into n_head heads of hs = C / n_head dims; heads become a batch dimension
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # QK-norm (change 2): q and k of unit RMS, so q.k cannot grow without bound and saturate the
+        # softmax when a large learning rate inflates the weights (Dehghani et al. 2023, ViT-22B)
+        q, k = norm(q), norm(k)
+        q, k = rotary(q, self.cos[:T], self.sin[:T]), rotary(k, self.cos[:T], self.sin[:T])
+        # causal softmax(q k^T / sqrt(hs)) v in one fused kernel (flash attention, Dao et al. 2022,
+        # on GPUs): the (T, T) attention matrix never travels to and from GPU memory
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)  # 4x hidden, as GPT-2
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_proj.ZERO_INIT = 1  # a residual projection: starts at 0 (see GPT._init_weights)
+
+    def forward(self, x):
+        # ---- change 3: ReLU^2 instead of GELU (So et al. 2021, Primer). What: max(0, x)^2. Why:
+        # cheaper than GELU, and at this size it learns faster per token. The record's figure: with
+        # QK-norm and zero-init, 6,200 -> 5,100 steps to 3.28
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        # pre-norm (GPT-2 paper, section 2.3): the residual stream itself is never
+        # normalised, so gradients flow straight from the loss to the embeddings
+        x = x + self.attn(norm(x))  # tokens communicate
+        x = x + self.mlp(norm(x))  # each token computes on its own
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+        ))
+        # ---- change 4: an untied lm_head, and zero-initialised output projections and head
+        # What: lm_head is its own matrix (no weight tying), and lm_head and every block's c_proj
+        # start at 0. Why: reading a token in and predicting the next one are different jobs; a
+        # zero head starts at the uniform guess (loss ln(vocab) exactly) and zero projections make
+        # each block start as the identity. The record's figure: the untied, zero-initialised head
+        # took the steps to 3.28 from 5,100 to 4,578.
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.ZERO_INIT = 1
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            if hasattr(module, "ZERO_INIT"):
+                torch.nn.init.zeros_(module.weight)
+            else:
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)  # GPT-2's std
+        elif isinstance(module, nn.Embedding):  # N(0, 1), as the record: it is normalised anyway
+            torch.nn.init.normal_(module.weight, mean=0.0, std=1.0)
+
+    def forward(self, idx, targets=None):
+        # idx: (B, T) token ids; targets: (B, T) next-token ids, or None
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} > block size {self.config.block_size}"
+        x = norm(self.transformer.wte(idx))  # (B, T, C); positions enter in attention (rotary)
+        for block in self.transformer.h:
+            x = block(x)
+        x = norm(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        # ---- change 5: logit soft-capping (Gemma 2). What: cap * tanh(logits / cap), so every
+        # logit stays within +-cap, nearly unchanged while small. Why: the head cannot make a few
+        # logits huge to cut the loss on tokens it has seen: a confident model stays calibrated. The
+        # record's figure: with value residual, embedding shortcut and momentum warmup, at 3,200
+        # steps, val loss 3.3274 -> 3.2791 (of those four, this stage takes the cap)
+        cap = self.config.logit_softcap
+        logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, log=print):
+        # ---- change 6: Muon for the blocks' matrices, AdamW for the rest (Jordan et al. 2024)
+        # What: Muon takes SGD's momentum and replaces each matrix's update by the nearest
+        # orthogonal matrix (5 Newton-Schulz iterations), so every direction of the update moves
+        # the same amount; AdamW keeps the embeddings and the head, which are lookups and a
+        # classifier rather than transformations. Why: the rare directions AdamW's updates
+        # neglect get as large a step as the common ones. The record's figure: at a fixed 5,100
+        # steps, val loss 3.3406 (AdamW) -> 3.2760 (Muon).
+        # Each group's learning rate is a fixed multiple of learning_rate (--max-lr, Muon's),
+        # the record's values at this batch (524,288 tokens): Muon 0.05 (x1), embeddings 0.6 (x12),
+        # head 0.008 (x0.16); no weight decay (the record has none). One schedule scales all.
+        named = dict(self.named_parameters())  # a tied weight once
+        matrices = [p for n, p in named.items() if n.startswith("transformer.h.") and p.dim() == 2]
+        head = [p for n, p in named.items() if n == "lm_head.weight"]
+        rest = [p for p in named.values() if not any(p is q for q in matrices + head)]
+        for name, group in (("Muon", matrices), ("AdamW head", head), ("AdamW embeddings", rest)):
+            log(f"{name}: {len(group)} tensors, {sum(p.numel() for p in group):,} parameters")
+        muon = torch.optim.Muon([dict(params=matrices, lr_scale=1.0)], lr=learning_rate,
+                                weight_decay=0.0, momentum=0.95, nesterov=True)
+        use_fused = device_type == "cuda"  # one kernel for all of AdamW's tensors
+        groups = [dict(params=rest, lr_scale=12.0), dict(params=head, lr_scale=0.16)]
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.8, 0.95), eps=1e-10,
+                                  weight_decay=0.0, fused=use_fused)
+        for group in muon.param_groups + adamw.param_groups:
+            group["lr"] = learning_rate * group["lr_scale"]
+        return Optimizers(muon, adamw)
+
+
+class Optimizers:
+    """Several optimizers used as one: zero_grad, step, param_groups, state_dict (change 6)."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+        self.param_groups = [g for opt in optimizers for g in opt.param_groups]
+
+    def zero_grad(self):
+        for opt in self.optimizers:
+            opt.zero_grad()
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self):
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the working directory
+
+
+class ShardError(Exception):  # a shard that is not what fineweb.py writes; the message names it
+    pass
+
+
+def load_tokens(path, check_ids=False):
+    """A shard's tokens, memory-mapped: the OS pages in what a batch reads, so a rank never
+    holds a whole 100M-token shard in memory (as int64 that would be 800 MB per rank)."""
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:  # empty, cut short, not .npy (numpy 1.x adds " when allow_pickle...")
+        raise ShardError(f"{path} is not a shard fineweb.py wrote ({str(e).split('.')[0].split(' when')[0]})") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise ShardError(f"{path} holds {tokens.dtype} {tokens.shape}, not the 1-D uint16 tokens fineweb.py writes")
+    if check_ids and len(tokens) and tokens.max() >= 50257:  # one pass over the shard, each time it is opened
+        raise ShardError(f"{path} holds token id {tokens.max()}; GPT-2's ids are below 50257")
+    return tokens
+
+
+class DataLoaderLite:
+    """(B, T) batches from the edufineweb_{split}_*.npy shards, for rank `rank` of `world_size`.
+
+    A step's micro-batches are consecutive B*T slices dealt round-robin to the ranks (rank r takes
+    slices r, r+W, r+2W, ...); a step never straddles two shards, and the position is the same on
+    every rank, so ranks leave a shard together and W ranks take exactly the slices of one process
+    with W x the micro-steps. Train shards come in a seeded order, new each epoch, same on all ranks.
+    """
+
+    def __init__(self, data_dir, split, B, T, rank, world_size, seed=0, step_tokens=None):
+        self.B, self.T, self.rank, self.world_size, self.seed = B, T, rank, world_size, seed
+        self.step_tokens = step_tokens or world_size * B * T  # tokens all ranks take per step
+        self.shuffle = split == "train"
+        self.shards = sorted(glob.glob(os.path.join(data_dir, f"edufineweb_{split}_*.npy")))
+        if not self.shards:
+            raise ShardError(f"no {split} shards (edufineweb_{split}_*.npy) in {data_dir}; "
+                             "run `python fineweb.py` first, or pass --data-dir")
+        # every shard's header, dtype and size, now (cheap): a damaged one stops the run before it trains
+        self.sizes = {os.path.basename(path): len(load_tokens(path)) for path in self.shards}
+        need = self.step_tokens + 1  # one step's slices, plus the last target
+        if max(self.sizes.values()) < need:
+            raise ShardError(f"every {split} shard in {data_dir} is shorter than one step's {need} tokens")
+        self.reset()
+
+    def shard_order(self, epoch):
+        if not self.shuffle:
+            return list(range(len(self.shards)))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
+
+    def reset(self):
+        self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
+
+    def state_dict(self):  # the shards too: a resumed run reads the very same ones
+        shards = [[os.path.basename(path), self.sizes[os.path.basename(path)]] for path in self.shards]
+        return {"epoch": self.epoch, "shard": self.shard, "position": self.position, "shards": shards}
+
+    def load_state_dict(self, state):
+        self.epoch, self.shard, self.position = state["epoch"], state["shard"], state["position"]
+        if state.get("shards"):  # a checkpoint's own list (checkpoints.other_run checks they are all here)
+            self.shards = [os.path.join(os.path.dirname(self.shards[0]), name) for name, _ in state["shards"]]
+        self.order = self.shard_order(self.epoch)
+        self.tokens = load_tokens(self.shards[self.order[self.shard]], check_ids=True)
+
+    def next_batch(self):
+        B, T, W = self.B, self.T, self.world_size
+        # at a step's start, if the shard has no whole step left, go on to the next shard
+        while self.position % self.step_tokens == 0 and self.position + self.step_tokens + 1 > len(self.tokens):
+            self.position, self.shard = 0, self.shard + 1
+            if self.shard == len(self.shards):  # next epoch, in a new order
+                self.epoch, self.shard = self.epoch + 1, 0
+                self.order = self.shard_order(self.epoch)
+            self.tokens = load_tokens(self.shards[self.order[self.shard]], check_ids=True)
+        start = self.position + self.rank * B * T
+        buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
+        x = buf[:-1].view(B, T)  # inputs (B, T)
+        y = buf[1:].view(B, T)  # targets (B, T): the token that follows each input position
+        self.position += W * B * T
+        return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+# dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets (fp16 on T4 and V100, which have no bf16), for
+# MFU; the first name found in the GPU's name wins, so "H100 PCIe" comes before "H100" and "L40S" before "L4"
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989, "B200": 2250,
+               "A100": 312, "L40S": 362, "L40": 181, "L4": 121, "RTX 5090": 209, "RTX 4090": 165, "RTX 3090": 71,
+               "A6000": 155, "T4": 65, "V100": 125}
+
+
+def native_bf16(device_type):
+    """Does this chip compute bf16 itself? (Emulated bf16 is slower than float32.) A torch that cannot tell: no."""
+    if device_type == "cuda":  # Ampere (compute capability 8.0) and later; a T4 or V100 emulates it
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type == "mps":  # Apple GPUs, from macOS 14
+        return torch.backends.mps.is_macos_or_newer(14, 0)
+    return any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("avx512_bf16", "amx_tile"))  # e.g. Zen 4
+
+
+def get_lr(step, max_lr, warmup_steps, max_steps):
+    """The record's schedule (change 6): linear warmup to max_lr, constant, then a linear cooldown
+    to 0 over the last 40% of the steps: Muon needs no long warmup and gains most from the decay."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps  # step 0 already takes a small step
+    cooldown = 0.4 * max_steps
+    return max_lr * min(1.0, (max_steps - step) / cooldown)
+
+
+def divergence_error(step, loss, norm, resume=""):
+    """The error line when the loss or the gradient norm is nan or inf (the run diverged), else None. Under
+    float16 the caller passes norm 0: an inf/nan gradient is the scaler's to skip, only a nan loss stops."""
+    if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before optimizer.step() writes nan into the weights
+        return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and stopped before the "
+                f"optimizer step; start again with a lower --max-lr or a longer --warmup-steps{resume}")
+    return None
+
+
+def pick_device(name):
+    """'auto' takes the fastest device present (cuda, then Apple's mps, then cpu)."""
+    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
+        sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
+    return name
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE (50257 tokens); its two files are downloaded once, then cached."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as e:  # offline with nothing cached (requests' ConnectionError is an OSError)
+        sys.exit(f"error: could not get GPT-2's BPE files ({type(e).__name__}); offline, set "
+                 "TIKTOKEN_CACHE_DIR to a folder that holds them (see README)")
+
+
+@torch.no_grad()
+def generate(model, idx, max_length, generator=None, top_k=50):
+    """Extend idx (B, T) to (B, max_length) by sampling one next token at a time."""
+    while idx.size(1) < max_length:
+        logits, _ = model(idx[:, -model.config.block_size:])  # (B, T, vocab_size)
+        logits = logits[:, -1, :50257]  # the last position, real tokens only (not the padding)
+        probs = F.softmax(logits, dim=-1)
+        # top-k 50, the HF pipeline default: the long tail of unlikely tokens is never sampled
+        topk_probs, topk_ids = torch.topk(probs, top_k, dim=-1)  # (B, top_k)
+        ix = torch.multinomial(topk_probs, 1, generator=generator)  # (B, 1), index into top-k
+        next_id = torch.gather(topk_ids, -1, ix)  # (B, 1)
+        idx = torch.cat((idx, next_id), dim=1)
+    return idx
+
+
+def setup_ddp(device_name):
+    """(ddp, rank, local rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: one
+    process per GPU; without torchrun, one process."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1, pick_device(device_name)
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    elif device_name in ("auto", "cpu"):
+        device = "cpu"
+    else:
+        sys.exit(f"error: --device {device_name} under torchrun: DDP here runs on cpu, or on cuda where CUDA is")
+    # nccl: NVIDIA's GPU collectives, where this torch has them (not on Windows or macOS);
+    # gloo otherwise, which also all-reduces CUDA tensors, more slowly
+    init_process_group(backend="nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo")
+    return True, rank, local_rank, world_size, device
+
+
+def all_reduce_mean(t):
+    """Average a tensor over the ranks (gloo has no ReduceOp.AVG: sum, then divide)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+@torch.no_grad()
+def val_loss(model, tokens, B, T, val_tokens, device, autocast):
+    """The mean loss over the val shard's first val_tokens tokens: rows of T, in batches of up to B rows, batch i
+    on rank i % W, so any -B and 1, 2 or 8 ranks give the same figure (the lecture's 20 batches per rank did not)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rows = max(1, min(val_tokens, len(tokens) - 1) // T)  # whole rows, at most what the shard holds
+    loss_sum = torch.zeros((), device=device)
+    model.eval()
+    for start in range(rank * B, rows, world * B):
+        b = min(B, rows - start)  # the last batch may be short
+        buf = torch.from_numpy(tokens[start * T:(start + b) * T + 1].astype(np.int64)).to(device)
+        with autocast:
+            _, loss = model(buf[:-1].view(b, T), buf[1:].view(b, T))
+        loss_sum += loss.detach() * b
+    model.train()
+    return all_reduce_mean(loss_sum).item() * world / rows  # the mean over all rows
+
+
+def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast):
+    """Val loss, and HellaSwag where there is a copy, printed; returns (the val loss, their log.txt lines)."""
+    print0 = print if not dist.is_initialized() or dist.get_rank() == 0 else lambda *a: None
+    val = val_loss(model, val_loader.tokens, args.batch_size, args.seq_len, args.val_tokens, device, autocast)
+    print0(f"validation loss: {val:.4f}")
+    entries = [f"{step} val {val:.4f}"]
+    if hella:
+        n, correct = hellaswag_counts(raw_model, hella, device, autocast)
+        print0(f"HellaSwag accuracy: {correct}/{n} = {correct / n:.4f}")
+        entries.append(f"{step} hella {correct / n:.4f}")
+    return val, entries
+
+
+def hellaswag_counts(model, examples, device, autocast):
+    """HellaSwag (examples, correct by acc_norm): each rank scores every W-th example on the 50,257 real
+    logits, and the counts are summed over the ranks."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    with autocast:
+        counts = evaluate(lambda idx: model(idx)[0][..., :50257], examples[rank::world], batch_size=8, device=device)
+    counts = torch.tensor(counts, dtype=torch.long, device=device)  # (n, correct, correct_norm)
+    if dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    n, _, correct_norm = counts.tolist()
+    return n, correct_norm
+
+
+def sample(model, num_return_sequences, max_length, seed):
+    """Stage 1's samples from the model as it is now: the uncompiled module, so growing lengths never recompile."""
+    device, enc = next(model.parameters()).device, gpt2_tokenizer()
+    prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens
+    prompt = prompt.unsqueeze(0).repeat(num_return_sequences, 1)  # (5, 8)
+    g = torch.Generator(device=device).manual_seed(seed)
+    rows = generate(model.eval(), prompt, max_length=max_length, generator=g)
+    model.train()
+    return [enc.decode(row.tolist()) for row in rows]
+
+
+def load_hellaswag(args, device, print0):
+    """HellaSwag val for the in-run evaluation (`datasets` caches it; ranks that ask at once wait for one
+    download); offline, the run trains without it. Every rank scores a share: all have it, or none uses it."""
+    gpt2_tokenizer()  # on every rank now: a rank 0 without the BPE files at its first sample would leave alone
+    if args.hellaswag_file and not os.path.isfile(args.hellaswag_file):
+        sys.exit(f"error: --hellaswag-file {args.hellaswag_file} not found")
+    try:
+        hella = list(iterate_examples("val", data_file=args.hellaswag_file))[:args.hellaswag_limit or None]
+    except HellaSwagError as e:  # offline with nothing cached, no `datasets`, or not a HellaSwag file
+        hella = None
+        print0(f"HellaSwag is off for this run: {e}" + ("" if args.hellaswag_file else
+                                                         "; pass --hellaswag-file PATH for a local copy"))
+    if dist.is_initialized() and all_reduce_mean(torch.tensor(float(bool(hella)), device=device)) < 1:
+        hella = None
+    return hella
+
+
+def flag_range(lo, hi=math.inf, kind=int):
+    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before any work,
+    with one line naming the flag (see make_parser)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan  # compares false with everything: the error below
+        if not lo <= value <= hi:
+            want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
+        return value
+    return parse
+
+
+def make_parser():
+    """The flags; their defaults are the lecture's values."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=RESUME_MAY_CHANGE)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here (no usage block)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("-B", "--batch-size", type=flag_range(1), default=64, help="64 (4 on CPU)")
+    parser.add_argument("-T", "--seq-len", type=flag_range(1, GPTConfig.block_size), default=1024,
+                        help="1024 (128 on CPU)")
+    parser.add_argument("--steps", type=flag_range(1), default=5000,
+                        help="5000: 2.6B tokens (see docs/stage-8.md) (50 on CPU)")
+    parser.add_argument("--num-return-sequences", type=flag_range(1), default=5)
+    parser.add_argument("--max-length", type=flag_range(9, GPTConfig.block_size), default=30,
+                        help="tokens per sample, the 8-token prompt included")
+    parser.add_argument("--seed", type=flag_range(0, 2**64 - 1), default=1337)  # the lecture's training seed
+    parser.add_argument("--n-layer", type=flag_range(1), default=12)
+    parser.add_argument("--n-head", type=flag_range(1), default=12)
+    parser.add_argument("--n-embd", type=flag_range(1), default=768)
+    parser.add_argument("--data-dir", default=os.path.join(HERE, "edu_fineweb10B"))
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="autocast dtype (default: bfloat16 where native, else float16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None, help="the GPU's peak, for mfu")
+    parser.add_argument("--total-batch-size", type=flag_range(1), default=524288,
+                        help="tokens per step (4*B*T*ranks on CPU)")
+    parser.add_argument("--max-lr", type=flag_range(0, kind=float), default=0.05,
+                        help="0.05: Muon's, the record's; AdamW's groups take multiples of it")
+    parser.add_argument("--warmup-steps", type=flag_range(0), default=0, help="0, the record's (10 on CPU)")
+    parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
+    parser.add_argument("--eval-every", type=flag_range(1), default=250, help="250 (10 on CPU)")
+    parser.add_argument("--val-tokens", type=flag_range(1), default=10485760, help="val loss tokens, the same on any "
+                        "number of GPUs: the lecture's 20 x 64 x 1024 x 8 (2560 on CPU)")
+    parser.add_argument("--hellaswag-file", default=None, help="a local HellaSwag val .jsonl/.parquet (default: hub)")
+    parser.add_argument("--hellaswag-limit", type=flag_range(0), default=0,
+                        help="examples per eval (0 = all; 40 on CPU)")
+    parser.add_argument("--checkpoint-every", type=flag_range(1), default=5000)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --log-dir")
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(torch.optim, "Muon"):  # PyTorch's own Muon (change 6), from 2.9 on
+        sys.exit(f"error: 8_train_modern.py needs torch 2.9 or newer (torch.optim.Muon), not "
+                 f"{torch.__version__}; pip install -U torch")
+    # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 extra rows are never targets
+    config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    stop = StopSignals()  # from here on a signal ends the run in one line; once training, after a saved step
+    ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = setup_ddp(args.device)
+    master_process = ddp_rank == 0  # rank 0 prints, logs, samples and saves checkpoints
+    print0 = print if master_process else lambda *a, **k: None
+    device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
+    if device_type == "cpu":  # the lecture's values are for a GPU: on a CPU a step would take minutes
+        parser.set_defaults(batch_size=4, seq_len=128, total_batch_size=None, steps=50, warmup_steps=10,
+                            eval_every=10, val_tokens=2560, hellaswag_limit=40)
+        args = parser.parse_args(argv)
+    B, T = args.batch_size, args.seq_len
+    if args.n_embd % (2 * args.n_head) != 0:  # each head's n_embd // n_head channels: rotary's pairs
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of 2 x --n-head {args.n_head}; "
+                 "pass one that is")
+    total_batch_size = 4 * B * T * ddp_world_size if args.total_batch_size is None else args.total_batch_size  # CPU
+    if total_batch_size < 1 or total_batch_size % (B * T * ddp_world_size) != 0:
+        sys.exit(f"error: --total-batch-size {total_batch_size} is not a positive multiple of "
+                 f"B*T*ranks = {B * T * ddp_world_size}; change it or -B/-T")
+    grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
+    print0(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps of B*T = {B * T:,}"
+           f" on each of {ddp_world_size} ranks")
+    print0(f"using device: {device}" + (f" | DDP: {ddp_world_size} ranks, {dist.get_backend()}" if ddp else ""))
+    torch.manual_seed(args.seed)
+    try:
+        train_loader = DataLoaderLite(args.data_dir, "train", B, T, ddp_rank, ddp_world_size, args.seed,
+                                      total_batch_size)
+        val_loader = DataLoaderLite(args.data_dir, "val", B, T, 0, 1)  # val_loss deals its batches to the ranks
+    except ShardError as e:  # every rank reads the same shards: all stop here
+        sys.exit(f"error: {e}; re-create it with fineweb.py, or pass --data-dir")
+    hella = load_hellaswag(args, device, print0)
+
+    # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
+    # FLOP/s on an A100); activations and weights stay fp32 in memory
+    torch.set_float32_matmul_precision("high")
+    # bf16 where the chip computes it, else fp16 + grad scaler on a GPU (T4, V100), float32 on a CPU
+    default = "bfloat16" if native_bf16(device_type) else "float32" if device_type == "cpu" else "float16"
+    dtype = getattr(torch, args.dtype or default)
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler", torch.float32: "off (float32)"}[dtype]
+    use_compile = args.compile if args.compile is not None else device_type == "cuda"
+    # inductor writes Triton kernels for a GPU (PyTorch ships no Triton for Windows) and C++ for a CPU
+    compiler = "Triton" if device_type == "cuda" else "a C++ compiler"
+    if use_compile and not (has_triton() if device_type == "cuda" else shutil.which("c++") or shutil.which("cl")):
+        print0(f"not compiling: torch.compile needs {compiler} here; running eager")
+        use_compile = False
+    print0(f"settings: {device_type} | B {B} T {T} | autocast {amp} | compile {'on' if use_compile else 'off'}")
+
+    model = GPT(config)
+    model.to(device)
+    raw_model = model  # sampling's growing lengths would make a compiled model recompile
+    if use_compile:
+        model = torch.compile(model)  # fuses elementwise ops: fewer trips to GPU memory
+    if ddp:  # each backward all-reduces (averages) the gradients across ranks
+        model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+    # MFU, the lecture's yardstick: FLOPs per step / dt / the GPU's peak. 6 FLOPs per weight and token (forward
+    # + backward) plus attention's 12 * n_layer * n_embd * T (PaLM paper, appendix B); wte is a lookup, no FLOPs
+    n_params = sum(p.numel() for p in raw_model.parameters()) - raw_model.transformer.wte.weight.numel()
+    flops_step = (6 * n_params + 12 * config.n_layer * config.n_embd * T) * total_batch_size
+    gpu = torch.cuda.get_device_name(device) if device_type == "cuda" and dtype != torch.float32 else ""
+    peak = args.peak_tflops or next((tflops for name, tflops in PEAK_TFLOPS.items() if name in gpu), None)
+    optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type=device_type,
+                                               log=print0)
+    # fp16 keeps 5 exponent bits (bf16 keeps fp32's 8): gradients below ~6e-8 flush to 0. The scaler
+    # multiplies the loss, so every gradient, by a large factor and divides it out before the update
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    run = run_record(args, total_batch_size, T)  # what decides this run's trajectory, stored in each checkpoint
+    lock, ckpt_path, peers = open_log_dir(args.log_dir, args.resume, stop, print0)  # ckpt_path None: a fresh run
+    # --resume: the state after ckpt["step"] steps, if it is this very run (a fresh run: no ckpt_path, step 0)
+    ckpt, error = load_checkpoint(ckpt_path, device, config, run, train_loader.sizes)
+    stop_all_on(error, stop, lock)
+    start_step, val = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader, args.steps)
+    if start_step >= args.steps:  # the run is finished (restore said so)
+        return close_run(stop, lock)
+    log = Log(os.path.join(args.log_dir, "log.txt") if master_process else None)  # rank 0 writes it
+    log.header(device, ddp_world_size, raw_model, total_batch_size, B, T, resumed_at=start_step if ckpt_path else None)
+    autocast = torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+    losses, error, group_alive, stopping, saved = [], None, True, 0, ckpt_path  # saved: newest checkpoint on disk
+    stop.training = True  # a signal now finishes a step, which is saved
+    try:  # out of memory anywhere in a step, a rank lost, a damaged shard: one line, see below
+        for step in range(start_step, args.steps):
+            last_step = step == args.steps - 1
+            stopping = 0 if last_step else stop.agreed(device)  # a signal: every rank stops after this step
+            entries = []
+            if (step % args.eval_every == 0 or last_step) and not stopping:  # evaluation is not part of step time
+                val, entries = evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast)
+            if master_process and ((step > 0 and step % args.eval_every == 0) or last_step) and not stopping:
+                for i, text in enumerate(sample(raw_model, args.num_return_sequences, args.max_length, args.seed)):
+                    print(f"sample {i}: {text}")  # what does it say so far?
+            t0 = time.time()
+            optimizer.zero_grad()
+            loss_accum = 0.0
+            for micro_step in range(grad_accum_steps):
+                x, y = train_loader.next_batch()
+                x, y = x.to(device), y.to(device)
+                if ddp:  # all-reduce the gradients only once, in the last micro-step's backward
+                    model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+                # autocast runs matmuls in bf16 (fp16); softmax, layernorm and the loss stay in fp32
+                with autocast:
+                    logits, loss = model(x, y)
+                # backward() adds into .grad: 1/count of each micro-batch's mean loss sums to one big batch's
+                loss = loss / grad_accum_steps
+                loss_accum += loss.detach()
+                scaler.scale(loss).backward()  # a no-op scale unless float16
+            all_reduce_mean(loss_accum)  # the loss over all ranks' tokens
+            scaler.unscale_(optimizer)  # float16: clip the true gradients, not the scaled ones
+            # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item(),
+                                     f" in a new --log-dir; or, if it was a one-off fault, {resume_hint(saved)}")
+            if error:
+                break  # every rank sees the same all-reduced loss and norm: all stop here
+            lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr * param_group["lr_scale"]  # each group: its multiple
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
+            scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
+            # torch.cuda (.mps, .cpu).synchronize(): wait for the queued GPU work, or dt stops too early
+            getattr(torch, device_type).synchronize()
+            dt = time.time() - t0
+            losses.append(loss_accum.item())  # .item() waits for the device and moves the loss to the CPU
+            line = f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f} | tok/s {total_batch_size / dt:.0f}"
+            if peak:
+                line += f" | mfu {100 * flops_step / dt / (peak * 1e12 * ddp_world_size):.2f}"
+            print0(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
+            if master_process:
+                log.write("".join(f"{entry}\n" for entry in entries + [f"{step} train {losses[-1]:.6f}"]))
+                if (step + 1) % args.checkpoint_every == 0 or last_step or stopping:  # the state after step + 1 steps
+                    state = checkpoint_state(raw_model, optimizer, scaler, train_loader, step + 1, val, run)
+                    saved, error = save_checkpoint(args.log_dir, state, saved, last=last_step or stopping)
+            if stopping:  # all ranks stop after this step; rank 0 says how to go on, also in the log
+                if not error:
+                    print0(log.note(f"stopped after step {step}; {resume_hint(saved)}"))
+                break
+    except torch.OutOfMemoryError:  # -B x -T does not fit this GPU (this rank only: it leaves without the others)
+        hint = f"-B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1 else "a smaller -T"
+        error, group_alive = f"error: out of memory at -B {B} -T {T} on {device}; try {hint}", False
+    except RuntimeError as e:  # a rank died (killed, crashed): the collectives with it fail (anything else: raised)
+        error, group_alive = lost_rank(e, step, peers, saved), False
+    except ShardError as e:
+        error = f"error: step {step}: {e}; re-create it with fineweb.py, then {resume_hint(saved)}"
+    if error:
+        log.note(error)  # rank 0: the log is the run's record
+    close_run(stop, lock, group_alive)
+    if error or stopping:  # the error (rank 0's, or this rank's own); else 128 + the signal, as a shell reports it
+        sys.exit((error if master_process or not group_alive else 1) if error else 128 + stopping)
+    return losses
+
+
+if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C: \xe9, no error)
+    main()
