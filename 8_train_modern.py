@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from hellaswag import HellaSwagError, evaluate, iterate_examples
 from checkpoints import (RESUME_MAY_CHANGE, checkpoint_state, load_checkpoint, restore, resume_hint, run_record,
                          save_checkpoint)
-from longrun import Log, StopSignals, close_run, init_process_group, lost_rank, open_log_dir, stop_all_on
+from longrun import (Log, ShardError, StopSignals, close_run, exit_status, init_process_group, lost_rank,
+                     note_skipped_tokens, open_log_dir, shard_identity, stop_all_on)
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -246,20 +247,16 @@ class Optimizers:
 HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the working directory
 
 
-class ShardError(Exception):  # a shard that is not what fineweb.py writes; the message names it
-    pass
-
-
-def load_tokens(path, check_ids=False):
-    """A shard's tokens, memory-mapped: the OS pages in what a batch reads, so a rank never
-    holds a whole 100M-token shard in memory (as int64 that would be 800 MB per rank)."""
+def load_tokens(path, whole=False):
+    """A shard's uint16 tokens: memory-mapped to check its header cheaply, or read whole to train on
+    (200 MB for 100M; the lecture's int64 copy is 800 MB): a file cut short under a map is SIGBUS."""
     try:
-        tokens = np.load(path, mmap_mode="r")
+        tokens = np.load(path, mmap_mode=None if whole else "r")
     except (OSError, ValueError, EOFError) as e:  # empty, cut short, not .npy (numpy 1.x adds " when allow_pickle...")
         raise ShardError(f"{path} is not a shard fineweb.py wrote ({str(e).split('.')[0].split(' when')[0]})") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise ShardError(f"{path} holds {tokens.dtype} {tokens.shape}, not the 1-D uint16 tokens fineweb.py writes")
-    if check_ids and len(tokens) and tokens.max() >= 50257:  # one pass over the shard, each time it is opened
+    if whole and len(tokens) and tokens.max() >= 50257:  # one pass over the shard, each time it is opened
         raise ShardError(f"{path} holds token id {tokens.max()}; GPT-2's ids are below 50257")
     return tokens
 
@@ -279,13 +276,15 @@ class DataLoaderLite:
         self.shuffle = split == "train"
         self.shards = sorted(glob.glob(os.path.join(data_dir, f"edufineweb_{split}_*.npy")))
         if not self.shards:
-            raise ShardError(f"no {split} shards (edufineweb_{split}_*.npy) in {data_dir}; "
-                             "run `python fineweb.py` first, or pass --data-dir")
-        # every shard's header, dtype and size, now (cheap): a damaged one stops the run before it trains
-        self.sizes = {os.path.basename(path): len(load_tokens(path)) for path in self.shards}
-        need = self.step_tokens + 1  # one step's slices, plus the last target
-        if max(self.sizes.values()) < need:
-            raise ShardError(f"every {split} shard in {data_dir} is shorter than one step's {need} tokens")
+            raise ShardError(f"{data_dir} holds no {split} shards (edufineweb_{split}_*.npy)")
+        # each shard's header, size and ends, now (cheap): a damaged one stops the run before it trains
+        self.sizes = {os.path.basename(p): shard_identity(p, load_tokens(p)) for p in self.shards}
+        need = (self.step_tokens if self.shuffle else T) + 1  # a step's slices (val: a row), +1 target
+        if max(n for n, _ in self.sizes.values()) < need:
+            raise ShardError(f"every {split} shard in {data_dir} is shorter than " + (
+                f"one step's {need} tokens" if self.shuffle else f"one row of -T {T} plus a target"))
+        if self.shuffle and rank == 0:  # a step never spans two shards: say if that skips much
+            note_skipped_tokens([n for n, _ in self.sizes.values()], self.step_tokens)
         self.reset()
 
     def shard_order(self, epoch):
@@ -297,15 +296,15 @@ class DataLoaderLite:
         self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
 
     def state_dict(self):  # the shards too: a resumed run reads the very same ones
-        shards = [[os.path.basename(path), self.sizes[os.path.basename(path)]] for path in self.shards]
+        shards = [[os.path.basename(path), *self.sizes[os.path.basename(path)]] for path in self.shards]
         return {"epoch": self.epoch, "shard": self.shard, "position": self.position, "shards": shards}
 
     def load_state_dict(self, state):
         self.epoch, self.shard, self.position = state["epoch"], state["shard"], state["position"]
         if state.get("shards"):  # a checkpoint's own list (checkpoints.other_run checks they are all here)
-            self.shards = [os.path.join(os.path.dirname(self.shards[0]), name) for name, _ in state["shards"]]
+            self.shards = [os.path.join(os.path.dirname(self.shards[0]), name) for name, *_ in state["shards"]]
         self.order = self.shard_order(self.epoch)
-        self.tokens = load_tokens(self.shards[self.order[self.shard]], check_ids=True)
+        self.tokens = load_tokens(self.shards[self.order[self.shard]], whole=True)
 
     def next_batch(self):
         B, T, W = self.B, self.T, self.world_size
@@ -315,7 +314,7 @@ class DataLoaderLite:
             if self.shard == len(self.shards):  # next epoch, in a new order
                 self.epoch, self.shard = self.epoch + 1, 0
                 self.order = self.shard_order(self.epoch)
-            self.tokens = load_tokens(self.shards[self.order[self.shard]], check_ids=True)
+            self.tokens = load_tokens(self.shards[self.order[self.shard]], whole=True)
         start = self.position + self.rank * B * T
         buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
         x = buf[:-1].view(B, T)  # inputs (B, T)
@@ -352,12 +351,12 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
     return max_lr * min(1.0, (max_steps - step) / cooldown)
 
 
-def divergence_error(step, loss, norm, resume=""):
-    """The error line when the loss or the gradient norm is nan or inf (the run diverged), else None. Under
-    float16 the caller passes norm 0: an inf/nan gradient is the scaler's to skip, only a nan loss stops."""
+def divergence_error(step, loss, norm, resume=lambda: ""):
+    """The error line (ending in resume(), made only then) when the loss or gradient norm is nan or inf (the
+    run diverged), else None. Under float16 the caller passes norm 0: an inf gradient is the scaler's to skip."""
     if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before optimizer.step() writes nan into the weights
         return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and stopped before the "
-                f"optimizer step; start again with a lower --max-lr or a longer --warmup-steps{resume}")
+                f"optimizer step; start again with a lower --max-lr or a longer --warmup-steps{resume()}")
     return None
 
 
@@ -440,9 +439,8 @@ def val_loss(model, tokens, B, T, val_tokens, device, autocast):
     return all_reduce_mean(loss_sum).item() * world / rows  # the mean over all rows
 
 
-def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast):
-    """Val loss, and HellaSwag where there is a copy, printed; returns (the val loss, their log.txt lines)."""
-    print0 = print if not dist.is_initialized() or dist.get_rank() == 0 else lambda *a: None
+def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast, print0):
+    """Val loss, and HellaSwag where there is a copy, printed by rank 0; returns ((step, val), log lines)."""
     val = val_loss(model, val_loader.tokens, args.batch_size, args.seq_len, args.val_tokens, device, autocast)
     print0(f"validation loss: {val:.4f}")
     entries = [f"{step} val {val:.4f}"]
@@ -450,7 +448,7 @@ def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autoca
         n, correct = hellaswag_counts(raw_model, hella, device, autocast)
         print0(f"HellaSwag accuracy: {correct}/{n} = {correct / n:.4f}")
         entries.append(f"{step} hella {correct / n:.4f}")
-    return val, entries
+    return (step, val), entries
 
 
 def hellaswag_counts(model, examples, device, autocast):
@@ -494,6 +492,10 @@ def load_hellaswag(args, device, print0):
     return hella
 
 
+# ----------------------------------------------------------------------------------------------
+# the command line: each flag checked before any work, one line per mistake (not the lecture's)
+
+
 def flag_range(lo, hi=math.inf, kind=int):
     """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before any work,
     with one line naming the flag (see make_parser)."""
@@ -502,7 +504,7 @@ def flag_range(lo, hi=math.inf, kind=int):
             value = kind(text)
         except ValueError:
             value = math.nan  # compares false with everything: the error below
-        if not lo <= value <= hi:
+        if not lo <= value <= hi or value == math.inf:  # finite values only (nan compares false)
             want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
             raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
         return value
@@ -551,6 +553,7 @@ def make_parser():
 
 
 def main(argv=None):
+    stop = StopSignals()  # a signal ends the run in one line; once training, after a saved step
     parser = make_parser()
     args = parser.parse_args(argv)
     if not hasattr(torch.optim, "Muon"):  # PyTorch's own Muon (change 6), from 2.9 on
@@ -558,7 +561,6 @@ def main(argv=None):
                  f"{torch.__version__}; pip install -U torch")
     # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 extra rows are never targets
     config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    stop = StopSignals()  # from here on a signal ends the run in one line; once training, after a saved step
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = setup_ddp(args.device)
     master_process = ddp_rank == 0  # rank 0 prints, logs, samples and saves checkpoints
     print0 = print if master_process else lambda *a, **k: None
@@ -610,8 +612,8 @@ def main(argv=None):
         model = torch.compile(model)  # fuses elementwise ops: fewer trips to GPU memory
     if ddp:  # each backward all-reduces (averages) the gradients across ranks
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
-    # MFU, the lecture's yardstick: FLOPs per step / dt / the GPU's peak. 6 FLOPs per weight and token (forward
-    # + backward) plus attention's 12 * n_layer * n_embd * T (PaLM paper, appendix B); wte is a lookup, no FLOPs
+    # MFU as nanoGPT reports it (the lecture prints tok/s): FLOPs per step / dt / GPU peak. 6 per
+    # weight and token (fwd + bwd) + attention's 12*n_layer*n_embd*T (PaLM, app. B); wte: a lookup
     n_params = sum(p.numel() for p in raw_model.parameters()) - raw_model.transformer.wte.weight.numel()
     flops_step = (6 * n_params + 12 * config.n_layer * config.n_embd * T) * total_batch_size
     gpu = torch.cuda.get_device_name(device) if device_type == "cuda" and dtype != torch.float32 else ""
@@ -626,7 +628,7 @@ def main(argv=None):
     # --resume: the state after ckpt["step"] steps, if it is this very run (a fresh run: no ckpt_path, step 0)
     ckpt, error = load_checkpoint(ckpt_path, device, config, run, train_loader.sizes)
     stop_all_on(error, stop, lock)
-    start_step, val = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader, args.steps)
+    start_step, val = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader, args.steps, print0)
     if start_step >= args.steps:  # the run is finished (restore said so)
         return close_run(stop, lock)
     log = Log(os.path.join(args.log_dir, "log.txt") if master_process else None)  # rank 0 writes it
@@ -640,7 +642,7 @@ def main(argv=None):
             stopping = 0 if last_step else stop.agreed(device)  # a signal: every rank stops after this step
             entries = []
             if (step % args.eval_every == 0 or last_step) and not stopping:  # evaluation is not part of step time
-                val, entries = evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast)
+                val, entries = evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast, print0)
             if master_process and ((step > 0 and step % args.eval_every == 0) or last_step) and not stopping:
                 for i, text in enumerate(sample(raw_model, args.num_return_sequences, args.max_length, args.seed)):
                     print(f"sample {i}: {text}")  # what does it say so far?
@@ -664,7 +666,7 @@ def main(argv=None):
             # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item(),
-                                     f" in a new --log-dir; or, if it was a one-off fault, {resume_hint(saved)}")
+                                     lambda: f" in a new --log-dir; or, if it was a one-off fault, {resume_hint(saved)}")
             if error:
                 break  # every rank sees the same all-reduced loss and norm: all stop here
             lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
@@ -690,18 +692,19 @@ def main(argv=None):
                 if not error:
                     print0(log.note(f"stopped after step {step}; {resume_hint(saved)}"))
                 break
-    except torch.OutOfMemoryError:  # -B x -T does not fit this GPU (this rank only: it leaves without the others)
-        hint = f"-B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1 else "a smaller -T"
-        error, group_alive = f"error: out of memory at -B {B} -T {T} on {device}; try {hint}", False
-    except RuntimeError as e:  # a rank died (killed, crashed): the collectives with it fail (anything else: raised)
-        error, group_alive = lost_rank(e, step, peers, saved), False
+    except RuntimeError as e:  # out of memory: a GPU's torch.OutOfMemoryError, a CPU's RuntimeError
+        hint = (f"try -B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1
+                else "try a smaller -T")
+        oom = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+        error = f"error: out of memory at -B {B} -T {T} on {device}; {hint}" if oom else None
+        error, group_alive = error or lost_rank(e, step, peers, saved), False  # else a rank died
     except ShardError as e:
         error = f"error: step {step}: {e}; re-create it with fineweb.py, then {resume_hint(saved)}"
     if error:
         log.note(error)  # rank 0: the log is the run's record
     close_run(stop, lock, group_alive)
-    if error or stopping:  # the error (rank 0's, or this rank's own); else 128 + the signal, as a shell reports it
-        sys.exit((error if master_process or not group_alive else 1) if error else 128 + stopping)
+    if error or stopping:  # the error line, or 128 + the signal, as a shell reports it
+        sys.exit(exit_status(error, stopping, master_process, group_alive))
     return losses
 
 

@@ -84,13 +84,21 @@ def save_checkpoint(log_dir, state, saved, last):
 
 
 def not_finite(state):
-    """The name of the first weight or optimizer moment in `state` holding nan or inf, or None."""
-    moments = {f"optimizer state {k} of parameter {i}": t
-               for i, ps in state["optimizer"]["state"].items() for k, t in ps.items()}
-    for name, t in {**state["model"], **moments}.items():
+    """The name of the first weight or optimizer tensor in `state` holding nan or inf, or None. The
+    optimizer's state dict is walked whole: AdamW's, or stage 8's Muon and AdamW together."""
+    for name, t in [*state["model"].items(), *tensors(state["optimizer"], "optimizer")]:
         if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
             return name
     return None
+
+
+def tensors(tree, name):
+    """(a name, the tensor) for every tensor in nested dicts and lists, such as a state dict."""
+    if torch.is_tensor(tree):
+        yield name, tree
+    elif isinstance(tree, (dict, list, tuple)):
+        for key, value in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
+            yield from tensors(value, f"{name} {key}")
 
 
 def write_atomically(path, state):
