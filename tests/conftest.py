@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, before numpy and torch start theirs
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # offline GPT-2 BPE files: a copy inside the repo (git-ignored; it travels to a GPU machine with the working

@@ -138,6 +138,7 @@ def test_total_batch_not_divisible_by_ranks(shards, tmp_path, monkeypatch):
     assert not (tmp_path / "log").exists()
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_resume_into_an_empty_log_dir_starts_fresh(shards, tmp_path):
     """So that `torchrun --max-restarts N ... --resume` can start the run as well as restart it."""
     proc, rows = run7("--data-dir", shards, "--log-dir", tmp_path / "log", "--steps", "2", "--resume")
@@ -152,6 +153,7 @@ def test_resume_with_other_model_size(shards, tmp_path):
     assert_clean_error(proc, "model_00001.pt", "--n-embd")
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_fresh_run_keeps_an_earlier_runs_log_and_checkpoints(shards, tmp_path):
     log = tmp_path / "log"
     run7("--data-dir", shards, "--log-dir", log, "--steps", "1")
@@ -326,6 +328,7 @@ def test_exact_resume_past_a_damaged_newest_checkpoint(straight, tmp_path):
     assert text.startswith("# the first half's log\n") and "# resumed at step 3" in text  # appended
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_failed_checkpoint_write_keeps_the_earlier_ones(shards, tmp_path):
     """A checkpoint whose write fails like on a full disk (its .tmp is /dev/full: ENOSPC): one line

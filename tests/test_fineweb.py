@@ -208,6 +208,7 @@ def test_workers_give_identical_shards(tmp_path, docs):
     assert shard_bytes(tmp_path / "spawn") == shard_bytes(tmp_path / "w1")
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_resume_after_interruption(tmp_path, docs, monkeypatch, capsys):
     """Stop after k shards (the k-th ends inside a document), crash while writing shard k (a
     stale temporary file; the manifest one shard behind the disk), run again: the shards equal
@@ -415,6 +416,7 @@ def full_disk_at_save(monkeypatch, nth):
     monkeypatch.setattr(fineweb.np, "save", save)
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_full_disk_while_writing_a_shard(tmp_path, docs, monkeypatch):
     """One line naming the shard (with 2 workers running); the shards before it stay, listed in the
     manifest; no temporary file; the same command, with room again, ends where an uninterrupted

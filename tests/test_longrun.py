@@ -145,6 +145,7 @@ def test_log_write_failure_is_one_line_and_the_next_write_starts_on_a_fresh_line
     longrun.Log(None).write("rank 1 writes nothing\n")
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_full_disk_for_log_txt_does_not_stop_the_run(shards_and_empty, tmp_path):
     """log.txt on a full disk (here /dev/full: every write fails with ENOSPC): one line, and the run trains on
@@ -168,6 +169,7 @@ def shards_and_empty(tmp_path):
 # ---------------------------------------------------------------------------- a resume is the same run
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_resume_with_a_shard_added_goes_on_exactly_with_its_own_shards(straight, tmp_path):
     """fineweb.py still writing shards while the run resumes: the new shard is not used, one line says so,
     and the losses equal the uninterrupted run's (shuffling over 5 shards would change them from step 3)."""

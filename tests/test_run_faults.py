@@ -477,6 +477,7 @@ def test_a_rank_that_hangs_ends_the_others_within_the_collective_timeout(run_arg
 # ---------------------------------------------------------------- issue 27: a checkpoint's val step
 
 
+@pytest.mark.slow  # over a second: the in-process tier stays within a minute
 def test_a_checkpoint_records_the_step_its_val_loss_was_measured_at(run_args, tmp_path):
     """val_loss is of the state after val_step steps, up to --eval-every - 1 steps older than the
     weights."""
