@@ -56,9 +56,9 @@ def test_float32_path_is_plain_fp32_and_bf16_autocast_is_really_on(name):
 @pytest.mark.slow  # bf16 on a CPU without AVX512-BF16 or AMX is emulated: seconds per step
 def test_bf16_autocast_trains_on_cpu():
     losses = load("5_train_speedup").main(TINY[:-4] + ["--n-head", "4", "--n-embd", "64", "--device", "cpu", "-B", "2",
-                                                       "-T", "16", "--steps", "25", "--dtype", "bfloat16", "--no-compile"])
+                                                       "-T", "16", "--steps", "15", "--dtype", "bfloat16", "--no-compile"])
     assert all(math.isfinite(x) for x in losses)
-    assert sum(losses[-5:]) / 5 < losses[0] - 0.3
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.25  # 10.85 -> 10.52 (torch 2.13)
 
 
 @pytest.mark.slow  # inductor compiles C++ for the CPU: tens of seconds
