@@ -20,6 +20,7 @@ from conftest import (
     ROOT,
     RUN7,
     STAGE7,
+    SCRIPTS,
     TINY,
     TORCHRUN,
     load,
@@ -177,16 +178,7 @@ def test_cpu_out_of_memory_in_a_step_is_one_line_in_the_log_too(run_args, tmp_pa
     assert (tmp_path / "log" / "log.txt").read_text().splitlines()[-1] == f"# {result.code}"
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "2_train_overfit",
-        "3_train_dataloader",
-        "4_train_init",
-        "5_train_speedup",
-        "6_train_hyperparams",
-    ],
-)
+@pytest.mark.parametrize("name", SCRIPTS[2:7])  # stages 2-6
 def test_cpu_out_of_memory_in_stages_2_to_6_is_one_line(name, monkeypatch):
     m = load(name)
 
@@ -204,16 +196,7 @@ def test_cpu_out_of_memory_in_stages_2_to_6_is_one_line(name, monkeypatch):
 # -------------------------------------------------------------------- 9: <|endoftext|> in input.txt
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "2_train_overfit",
-        "3_train_dataloader",
-        "4_train_init",
-        "5_train_speedup",
-        "6_train_hyperparams",
-    ],
-)
+@pytest.mark.parametrize("name", SCRIPTS[2:7])  # stages 2-6
 def test_an_input_with_gpt2s_separator_trains(name, tmp_path):
     """TinyStories, or any texts joined with <|endoftext|>: the separator is GPT-2's token 50256, no
     traceback."""
