@@ -24,9 +24,14 @@ def loader(shards, rank=0, world=1, B=2, T=32, seed=0, split="train", step_token
     return load(NAME).DataLoaderLite(str(shards), split, B, T, rank, world, seed, step_tokens)
 
 
-def test_shards_are_memory_mapped(shards):
-    tokens = load(NAME).load_tokens(str(shards / "edufineweb_train_000001.npy"))
-    assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16  # never a whole int64 copy
+def test_a_shard_is_checked_through_a_map_and_trained_on_as_a_uint16_copy(shards):
+    """The start-up check maps each shard (its header only); the loader trains on a copy in memory, which a
+    file cut short under the run cannot change (a map would die with SIGBUS), kept uint16 (the lecture: int64)."""
+    path = str(shards / "edufineweb_train_000001.npy")
+    mapped, whole = load(NAME).load_tokens(path), load(NAME).load_tokens(path, whole=True)
+    assert isinstance(mapped, np.memmap) and not isinstance(whole, np.memmap)
+    assert whole.dtype == np.uint16 and np.array_equal(whole, mapped)
+    assert not isinstance(loader(shards).tokens, np.memmap)  # what the run trains on
 
 
 def test_ranks_are_dealt_round_robin_slices_of_one_process(shards):
