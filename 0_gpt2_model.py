@@ -152,24 +152,26 @@ def generate(model, idx, max_length, generator=None):
 
 
 def flag_range(lo, hi=math.inf, kind=int):
-    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before any work,
-    with one line naming the flag (see make_parser)."""
+    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before
+    any work, with one line naming the flag (see make_parser)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan  # compares false with everything: the error below
         if not lo <= value <= hi or value == math.inf:  # finite values only (nan compares false)
-            want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
-            raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
+            a = "an integer" if kind is int else "a number"
+            want = f"{a} {lo} or more" if hi == math.inf else f"{a} from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"got {text}; pass {want}")
         return value
     return parse
 
 
 def make_parser():
     """The flags; their defaults are the lecture's values."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here (no usage block)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("--n-layer", type=flag_range(1), default=12)
     parser.add_argument("--n-head", type=flag_range(1), default=12)
     parser.add_argument("--n-embd", type=flag_range(1), default=768)
@@ -184,7 +186,8 @@ def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head != 0:  # every head gets n_embd // n_head of the channels
-        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; pass one that is")
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; "
+                 "pass one that is")
 
     torch.manual_seed(args.seed)
     model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
@@ -204,5 +207,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C: \xe9, no error)
+    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C too)
     main()

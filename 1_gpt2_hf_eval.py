@@ -126,27 +126,30 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """GPT-2's weights: a hub name (see PRETRAINED) or a directory GPT2LMHeadModel.save_pretrained wrote."""
+        """GPT-2's weights: a hub name (PRETRAINED) or a folder that save_pretrained wrote."""
         from safetensors import SafetensorError
         from transformers import GPT2LMHeadModel
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except (OSError, SafetensorError) as e:  # offline with nothing cached, not GPT-2's, or cut short
-            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); a hub name needs the internet "
-                          "once, a local save_pretrained directory must be whole (save or export it again)") from e
+        except (OSError, SafetensorError) as e:  # offline, nothing cached; not GPT-2's; cut short
+            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); a hub name "
+                          "needs the internet once, a local save_pretrained directory must be "
+                          "whole (save or export it again)") from e
         c = hf.config
         model = GPT(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
         sd, sd_hf = model.state_dict(), hf.state_dict()
         assert sorted(sd_hf) == sorted(sd), "state-dict keys differ from GPT-2's"
         # OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight",
+                      "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k in sd_hf:
                 sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
             idx = torch.arange(8).unsqueeze(0)  # does our module compute what Hugging Face's does?
             diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
-        print(f"loaded {name_or_dir}: max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
+        print(f"loaded {name_or_dir}: "
+              f"max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
         return model
 
 
@@ -162,7 +165,8 @@ def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
-        sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
+        sys.exit(f"error: --device {name} is not available on this machine; "
+                 "use --device auto or cpu")
     return name
 
 
@@ -195,25 +199,27 @@ def generate(model, idx, max_length, generator=None, top_k=50):
 
 
 def flag_range(lo, hi=math.inf, kind=int):
-    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before any work,
-    with one line naming the flag (see make_parser)."""
+    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before
+    any work, with one line naming the flag (see make_parser)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan  # compares false with everything: the error below
         if not lo <= value <= hi or value == math.inf:  # finite values only (nan compares false)
-            want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
-            raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
+            a = "an integer" if kind is int else "a number"
+            want = f"{a} {lo} or more" if hi == math.inf else f"{a} from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"got {text}; pass {want}")
         return value
     return parse
 
 
 def make_parser():
     """The flags; their defaults are the lecture's values."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here (no usage block)
-    parser.add_argument("--model", default="gpt2", help=f"{' | '.join(PRETRAINED)} or a local directory")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
+    parser.add_argument("--model", default="gpt2", help=f"{' | '.join(PRETRAINED)} or a directory")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--num-return-sequences", type=flag_range(1), default=5)
     parser.add_argument("--max-length", type=flag_range(9, GPTConfig.block_size), default=30,
@@ -243,5 +249,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C: \xe9, no error)
+    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C too)
     main()

@@ -123,27 +123,30 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """GPT-2's weights: a hub name (see PRETRAINED) or a directory GPT2LMHeadModel.save_pretrained wrote."""
+        """GPT-2's weights: a hub name (PRETRAINED) or a folder that save_pretrained wrote."""
         from safetensors import SafetensorError
         from transformers import GPT2LMHeadModel
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except (OSError, SafetensorError) as e:  # offline with nothing cached, not GPT-2's, or cut short
-            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); a hub name needs the internet "
-                          "once, a local save_pretrained directory must be whole (save or export it again)") from e
+        except (OSError, SafetensorError) as e:  # offline, nothing cached; not GPT-2's; cut short
+            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); a hub name "
+                          "needs the internet once, a local save_pretrained directory must be "
+                          "whole (save or export it again)") from e
         c = hf.config
         model = GPT(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
         sd, sd_hf = model.state_dict(), hf.state_dict()
         assert sorted(sd_hf) == sorted(sd), "state-dict keys differ from GPT-2's"
         # OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight",
+                      "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k in sd_hf:
                 sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
             idx = torch.arange(8).unsqueeze(0)  # does our module compute what Hugging Face's does?
             diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
-        print(f"loaded {name_or_dir}: max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
+        print(f"loaded {name_or_dir}: "
+              f"max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
         return model
 
 
@@ -152,7 +155,7 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774
 # ----------------------------------------------------------------------------------------------
 # data
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the working directory
+HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the cwd
 
 
 def load_tokens(path):
@@ -160,8 +163,9 @@ def load_tokens(path):
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError) as e:  # not there, a folder, unreadable; Latin-1 or binary bytes
-        sys.exit(f"error: {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}; pass --input FILE, UTF-8 text")
+    except (OSError, UnicodeDecodeError) as e:  # not there, a folder, unreadable; Latin-1 or binary
+        reason = getattr(e, "strerror", None) or "not UTF-8 text"
+        sys.exit(f"error: {path}: {reason}; pass --input FILE, UTF-8 text")
     return torch.tensor(gpt2_tokenizer().encode(text, allowed_special="all"), dtype=torch.long)
 
 
@@ -197,7 +201,8 @@ def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
-        sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
+        sys.exit(f"error: --device {name} is not available on this machine; "
+                 "use --device auto or cpu")
     return name
 
 
@@ -230,24 +235,26 @@ def generate(model, idx, max_length, generator=None, top_k=50):
 
 
 def flag_range(lo, hi=math.inf, kind=int):
-    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before any work,
-    with one line naming the flag (see make_parser)."""
+    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before
+    any work, with one line naming the flag (see make_parser)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan  # compares false with everything: the error below
         if not lo <= value <= hi or value == math.inf:  # finite values only (nan compares false)
-            want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
-            raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
+            a = "an integer" if kind is int else "a number"
+            want = f"{a} {lo} or more" if hi == math.inf else f"{a} from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"got {text}; pass {want}")
         return value
     return parse
 
 
 def make_parser():
     """The flags; their defaults are the lecture's values."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here (no usage block)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("-B", "--batch-size", type=flag_range(1), default=4)
     parser.add_argument("-T", "--seq-len", type=flag_range(1, GPTConfig.block_size), default=32)
@@ -255,7 +262,7 @@ def make_parser():
     parser.add_argument("--num-return-sequences", type=flag_range(1), default=5)
     parser.add_argument("--max-length", type=flag_range(9, GPTConfig.block_size), default=30,
                         help="tokens per sample, the 8-token prompt included")
-    parser.add_argument("--seed", type=flag_range(0, 2**64 - 1), default=1337)  # the lecture's training seed
+    parser.add_argument("--seed", type=flag_range(0, 2**64 - 1), default=1337)  # the lecture's seed
     parser.add_argument("--n-layer", type=flag_range(1), default=12)
     parser.add_argument("--n-head", type=flag_range(1), default=12)
     parser.add_argument("--n-embd", type=flag_range(1), default=768)
@@ -270,19 +277,21 @@ def main(argv=None):
     device = pick_device(args.device)
     B, T = args.batch_size, args.seq_len
     if args.n_embd % args.n_head != 0:  # every head gets n_embd // n_head of the channels
-        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; pass one that is")
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; "
+                 "pass one that is")
     print(f"using device: {device}")
     torch.manual_seed(args.seed)
     tokens = load_tokens(args.input)
     if len(tokens) < B * T + 1:
-        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}; pass a longer one")
+        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}; "
+                 "pass a longer one")
     train_loader = DataLoaderLite(tokens, B, T)
 
     model = GPT(config)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     losses = []
-    try:  # out of memory anywhere in a step (forward, backward, AdamW's first step allocates its state)
+    try:  # out of memory anywhere in a step (forward, backward, AdamW's state at its first step)
         for step in range(args.steps):
             x, y = train_loader.next_batch()
             x, y = x.to(device), y.to(device)
@@ -307,5 +316,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C: \xe9, no error)
+    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C too)
     main()

@@ -12,8 +12,8 @@ up to "gradient accumulation"; the GPT-3 paper, appendix B and table 2.1):
   step, with one line saying which step and what to try (float16: an inf gradient is the
   scaler's to skip, only a nan/inf loss stops)
 
-Run:   python 6_train_hyperparams.py  (124M, 50 steps of 524,288 tokens on a GPU; of 4 x 4 x 128 = 2,048
-       tokens on a CPU)
+Run:   python 6_train_hyperparams.py  (124M, 50 steps of 524,288 tokens on a GPU; of
+       4 x 4 x 128 = 2,048 tokens on a CPU)
 Diff:  diff 5_train_speedup.py 6_train_hyperparams.py
 """
 import argparse
@@ -28,7 +28,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-try: from torch.utils._triton import has_triton  # private to torch: a torch without it has "no Triton"
+try: from torch.utils._triton import has_triton  # private: a torch without it has "no Triton"
 except ImportError: has_triton = lambda: False  # so a GPU runs eager, and says so
 
 # ----------------------------------------------------------------------------------------------
@@ -148,37 +148,43 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]  # tied wte/lm_head: once
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        log(f"decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-        log(f"non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        n_decay, n_no_decay = sum(p.numel() for p in decay), sum(p.numel() for p in no_decay)
+        log(f"decayed parameter tensors: {len(decay)}, with {n_decay:,} parameters")
+        log(f"non-decayed parameter tensors: {len(no_decay)}, with {n_no_decay:,} parameters")
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
         # fused: one kernel updates all parameters, instead of a loop of small kernels per tensor
         use_fused = device_type == "cuda"
         log(f"using fused AdamW: {use_fused}")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=use_fused)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                 fused=use_fused)
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """GPT-2's weights: a hub name (see PRETRAINED) or a directory GPT2LMHeadModel.save_pretrained wrote."""
+        """GPT-2's weights: a hub name (PRETRAINED) or a folder that save_pretrained wrote."""
         from safetensors import SafetensorError
         from transformers import GPT2LMHeadModel
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except (OSError, SafetensorError) as e:  # offline with nothing cached, not GPT-2's, or cut short
-            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); a hub name needs the internet "
-                          "once, a local save_pretrained directory must be whole (save or export it again)") from e
+        except (OSError, SafetensorError) as e:  # offline, nothing cached; not GPT-2's; cut short
+            raise OSError(f"could not load '{name_or_dir}' ({str(e).splitlines()[0]}); a hub name "
+                          "needs the internet once, a local save_pretrained directory must be "
+                          "whole (save or export it again)") from e
         c = hf.config
         model = GPT(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
         sd, sd_hf = model.state_dict(), hf.state_dict()
         assert sorted(sd_hf) == sorted(sd), "state-dict keys differ from GPT-2's"
         # OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight",
+                      "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k in sd_hf:
                 sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
             idx = torch.arange(8).unsqueeze(0)  # does our module compute what Hugging Face's does?
             diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
-        print(f"loaded {name_or_dir}: max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
+        print(f"loaded {name_or_dir}: "
+              f"max |logits - GPT2LMHeadModel's logits| on 8 tokens = {diff:.2e}")
         return model
 
 
@@ -187,7 +193,7 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774
 # ----------------------------------------------------------------------------------------------
 # data
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the working directory
+HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the cwd
 
 
 def load_tokens(path):
@@ -195,8 +201,9 @@ def load_tokens(path):
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError) as e:  # not there, a folder, unreadable; Latin-1 or binary bytes
-        sys.exit(f"error: {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}; pass --input FILE, UTF-8 text")
+    except (OSError, UnicodeDecodeError) as e:  # not there, a folder, unreadable; Latin-1 or binary
+        reason = getattr(e, "strerror", None) or "not UTF-8 text"
+        sys.exit(f"error: {path}: {reason}; pass --input FILE, UTF-8 text")
     return torch.tensor(gpt2_tokenizer().encode(text, allowed_special="all"), dtype=torch.long)
 
 
@@ -225,25 +232,27 @@ class DataLoaderLite:
 # ----------------------------------------------------------------------------------------------
 # helpers
 
-# dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets (fp16 on T4 and V100, which have no bf16), for
-# MFU; the first name found in the GPU's name wins, so "H100 PCIe" comes before "H100" and "L40S" before "L4"
-PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989, "B200": 2250,
-               "A100": 312, "L40S": 362, "L40": 181, "L4": 121, "RTX 5090": 209, "RTX 4090": 165, "RTX 3090": 71,
-               "A6000": 155, "T4": 65, "V100": 125}
+# dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets (fp16 on T4 and V100: no bf16), for MFU;
+# the first name found in the GPU's name wins: "H100 PCIe" comes before "H100", "L40S" before "L4"
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989,
+               "B200": 2250, "A100": 312, "L40S": 362, "L40": 181, "L4": 121, "RTX 5090": 209,
+               "RTX 4090": 165, "RTX 3090": 71, "A6000": 155, "T4": 65, "V100": 125}
 
 
 def native_bf16(device_type):
-    """Does this chip compute bf16 itself? (Emulated bf16 is slower than float32.) A torch that cannot tell: no."""
+    """Does this chip compute bf16 itself (emulated bf16 is slower than float32)? If unsure: no."""
     if device_type == "cuda":  # Ampere (compute capability 8.0) and later; a T4 or V100 emulates it
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "mps":  # Apple GPUs, from macOS 14
         return torch.backends.mps.is_macos_or_newer(14, 0)
-    return any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("avx512_bf16", "amx_tile"))  # e.g. Zen 4
+    isas = ("avx512_bf16", "amx_tile")  # AVX512-BF16 (e.g. Zen 4) or AMX (Intel Sapphire Rapids)
+    return any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in isas)
 
 
 def get_lr(step, max_lr, warmup_steps, max_steps):
-    """The lecture's (GPT-3 paper, appendix B): linear warmup to max_lr, cosine decay to 10% of it. As in its code,
-    the peak lasts two steps (decay_ratio is 0 at warmup_steps) and the last step ends just above min_lr."""
+    """The lecture's (GPT-3 paper, appendix B): linear warmup to max_lr, cosine decay to 10% of it.
+    As in its code, the peak lasts two steps (decay_ratio is 0 at warmup_steps) and the last step
+    ends just above min_lr."""
     min_lr = max_lr * 0.1
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps  # step 0 already takes a small step
@@ -254,11 +263,12 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
 
 
 def divergence_error(step, loss, norm, resume=lambda: ""):
-    """The error line (ending in resume(), made only then) when the loss or gradient norm is nan or inf (the
-    run diverged), else None. Under float16 the caller passes norm 0: an inf gradient is the scaler's to skip."""
-    if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before optimizer.step() writes nan into the weights
-        return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and stopped before the "
-                f"optimizer step; start again with a lower --max-lr or a longer --warmup-steps{resume()}")
+    """The error line (ending in resume(), made only then) when the loss or gradient norm is nan or
+    inf (the run diverged), else None. Under float16, norm is 0: the scaler skips inf gradients."""
+    if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before nan reaches the weights
+        return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and "
+                "stopped before the optimizer step; start again with a lower --max-lr or a "
+                f"longer --warmup-steps{resume()}")
     return None
 
 
@@ -268,7 +278,8 @@ def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
-        sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
+        sys.exit(f"error: --device {name} is not available on this machine; "
+                 "use --device auto or cpu")
     return name
 
 
@@ -301,24 +312,26 @@ def generate(model, idx, max_length, generator=None, top_k=50):
 
 
 def flag_range(lo, hi=math.inf, kind=int):
-    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before any work,
-    with one line naming the flag (see make_parser)."""
+    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before
+    any work, with one line naming the flag (see make_parser)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan  # compares false with everything: the error below
         if not lo <= value <= hi or value == math.inf:  # finite values only (nan compares false)
-            want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
-            raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
+            a = "an integer" if kind is int else "a number"
+            want = f"{a} {lo} or more" if hi == math.inf else f"{a} from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"got {text}; pass {want}")
         return value
     return parse
 
 
 def make_parser():
     """The flags; their defaults are the lecture's values."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here (no usage block)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("-B", "--batch-size", type=flag_range(1), default=16, help="16 (4 on CPU)")
     parser.add_argument("-T", "--seq-len", type=flag_range(1, GPTConfig.block_size), default=1024,
@@ -327,7 +340,7 @@ def make_parser():
     parser.add_argument("--num-return-sequences", type=flag_range(1), default=5)
     parser.add_argument("--max-length", type=flag_range(9, GPTConfig.block_size), default=30,
                         help="tokens per sample, the 8-token prompt included")
-    parser.add_argument("--seed", type=flag_range(0, 2**64 - 1), default=1337)  # the lecture's training seed
+    parser.add_argument("--seed", type=flag_range(0, 2**64 - 1), default=1337)  # the lecture's seed
     parser.add_argument("--n-layer", type=flag_range(1), default=12)
     parser.add_argument("--n-head", type=flag_range(1), default=12)
     parser.add_argument("--n-embd", type=flag_range(1), default=768)
@@ -335,10 +348,12 @@ def make_parser():
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on for CUDA, off elsewhere)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="autocast dtype (default: bfloat16 where native, else float16 on a GPU, float32 on a CPU)")
-    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None, help="the GPU's peak, for mfu")
-    parser.add_argument("--total-batch-size", type=flag_range(1), default=524288, help="tokens per step (4*B*T on CPU)")
-    parser.add_argument("--max-lr", type=flag_range(0, kind=float), default=6e-4)  # GPT-3 125M, table 2.1
+                        help="default: bfloat16 where native, else float16 (GPU) or float32 (CPU)")
+    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None,
+                        help="the GPU's peak, for mfu")
+    parser.add_argument("--total-batch-size", type=flag_range(1), default=524288,
+                        help="tokens per step (4*B*T on CPU)")
+    parser.add_argument("--max-lr", type=flag_range(0, kind=float), default=6e-4)  # GPT-3 125M
     parser.add_argument("--warmup-steps", type=flag_range(0), default=10)
     return parser
 
@@ -346,43 +361,50 @@ def make_parser():
 def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
-    # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 extra rows are never targets
-    config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 new rows are never targets
+    config = GPTConfig(vocab_size=50304,
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     device = pick_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
-    if device_type == "cpu":  # the lecture's values are for a GPU: on a CPU a step would take minutes
+    if device_type == "cpu":  # the lecture's values are for a GPU: a CPU step would take minutes
         parser.set_defaults(batch_size=4, seq_len=128, total_batch_size=None)
         args = parser.parse_args(argv)
     B, T = args.batch_size, args.seq_len
     if args.n_embd % args.n_head != 0:  # every head gets n_embd // n_head of the channels
-        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; pass one that is")
-    total_batch_size = 4 * B * T if args.total_batch_size is None else args.total_batch_size  # CPU: 4 micro-steps
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; "
+                 "pass one that is")
+    total_batch_size = args.total_batch_size or 4 * B * T  # CPU: 4 micro-steps
     if total_batch_size < 1 or total_batch_size % (B * T) != 0:
         sys.exit(f"error: --total-batch-size {total_batch_size} is not a positive multiple of "
                  f"B*T = {B * T}; change it or -B/-T")
     grad_accum_steps = total_batch_size // (B * T)
-    print(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps of B*T = {B * T:,}")
+    print(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps"
+          f" of B*T = {B * T:,}")
     print(f"using device: {device}")
     torch.manual_seed(args.seed)
     tokens = load_tokens(args.input)
     if len(tokens) < B * T + 1:
-        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}; pass a longer one")
+        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}; "
+                 "pass a longer one")
     train_loader = DataLoaderLite(tokens, B, T)
 
     # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
     # FLOP/s on an A100); activations and weights stay fp32 in memory
     torch.set_float32_matmul_precision("high")
     # bf16 where the chip computes it, else fp16 + grad scaler on a GPU (T4, V100), float32 on a CPU
-    default = "bfloat16" if native_bf16(device_type) else "float32" if device_type == "cpu" else "float16"
+    default = ("bfloat16" if native_bf16(device_type)
+               else "float32" if device_type == "cpu" else "float16")
     dtype = getattr(torch, args.dtype or default)
-    amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler", torch.float32: "off (float32)"}[dtype]
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler"}.get(dtype, "off (float32)")
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
-    # inductor writes Triton kernels for a GPU (PyTorch ships no Triton for Windows) and C++ for a CPU
+    # inductor writes Triton kernels for a GPU (no Triton for Windows in PyTorch), C++ for a CPU
     compiler = "Triton" if device_type == "cuda" else "a C++ compiler"
-    if use_compile and not (has_triton() if device_type == "cuda" else shutil.which("c++") or shutil.which("cl")):
+    if use_compile and not (has_triton() if device_type == "cuda"
+                            else shutil.which("c++") or shutil.which("cl")):
         print(f"not compiling: torch.compile needs {compiler} here; running eager")
         use_compile = False
-    print(f"settings: {device_type} | B {B} T {T} | autocast {amp} | compile {'on' if use_compile else 'off'}")
+    print(f"settings: {device_type} | B {B} T {T} | autocast {amp}"
+          f" | compile {'on' if use_compile else 'off'}")
 
     model = GPT(config)
     model.to(device)
@@ -391,16 +413,18 @@ def main(argv=None):
         model = torch.compile(model)  # fuses elementwise ops: fewer trips to GPU memory
     # MFU as nanoGPT reports it (the lecture prints tok/s): FLOPs per step / dt / GPU peak. 6 per
     # weight and token (fwd + bwd) + attention's 12*n_layer*n_embd*T (PaLM, app. B); wpe: a lookup
-    n_params = sum(p.numel() for p in raw_model.parameters()) - raw_model.transformer.wpe.weight.numel()
+    n_params = sum(p.numel() for p in raw_model.parameters()) - config.block_size * config.n_embd
     flops_step = (6 * n_params + 12 * config.n_layer * config.n_embd * T) * total_batch_size
-    gpu = torch.cuda.get_device_name(device) if device_type == "cuda" and dtype != torch.float32 else ""
-    peak = args.peak_tflops or next((tflops for name, tflops in PEAK_TFLOPS.items() if name in gpu), None)
-    optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type=device_type)
+    gpu = (torch.cuda.get_device_name(device)
+           if device_type == "cuda" and dtype != torch.float32 else "")
+    peak = args.peak_tflops or next((t for name, t in PEAK_TFLOPS.items() if name in gpu), None)
+    optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr,
+                                               device_type=device_type)
     # fp16 keeps 5 exponent bits (bf16 keeps fp32's 8): gradients below ~6e-8 flush to 0. The scaler
     # multiplies the loss, so every gradient, by a large factor and divides it out before the update
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     losses = []
-    try:  # out of memory anywhere in a step (forward, backward, AdamW's first step allocates its state)
+    try:  # out of memory anywhere in a step (forward, backward, AdamW's state at its first step)
         for step in range(args.steps):
             t0 = time.time()
             optimizer.zero_grad()
@@ -409,32 +433,35 @@ def main(argv=None):
                 x, y = train_loader.next_batch()
                 x, y = x.to(device), y.to(device)
                 # autocast runs matmuls in bf16 (fp16); softmax, layernorm and the loss stay in fp32
-                with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
+                with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
                     logits, loss = model(x, y)
-                # backward() adds into .grad: 1/count of each micro-batch's mean loss sums to one big batch's
+                # .grad accumulates: each micro-batch's mean / count sums to one big batch's mean
                 loss = loss / grad_accum_steps
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()  # a no-op scale unless float16
             scaler.unscale_(optimizer)  # float16: clip the true gradients, not the scaled ones
             # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item())
+            error = divergence_error(step, loss_accum.item(),
+                                     0.0 if scaler.is_enabled() else norm.item())
             if error:
                 sys.exit(error)
             lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
             scale = scaler.get_scale()
-            scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
+            scaler.step(optimizer)  # fp16: skipped if any gradient is inf/nan (scale too big)
             scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
-            # torch.cuda (.mps, .cpu).synchronize(): wait for the queued GPU work, or dt stops too early
+            # torch.cuda (.mps, .cpu).synchronize(): wait for queued GPU work, or dt stops too early
             getattr(torch, device_type).synchronize()
             dt = time.time() - t0
-            losses.append(loss_accum.item())  # .item() waits for the device and moves the loss to the CPU
-            line = f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f} | tok/s {total_batch_size / dt:.0f}"
+            losses.append(loss_accum.item())  # .item() waits for the device, copies the loss to CPU
+            line = (f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f}"
+                    f" | tok/s {total_batch_size / dt:.0f}")
             if peak:
                 line += f" | mfu {100 * flops_step / dt / (peak * 1e12):.2f}"
-            print(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
+            line += f" | lr {lr:.4e} | norm {norm:.4f}"
+            print(line + (" | skipped 1" if scaler.get_scale() < scale else ""))
     except RuntimeError as e:  # out of memory: a GPU's torch.OutOfMemoryError, a CPU's RuntimeError
         hint = (f"try -B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1
                 else "try a smaller -T")
@@ -451,5 +478,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C: \xe9, no error)
+    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C too)
     main()

@@ -31,15 +31,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
-try: from torch.utils._triton import has_triton  # private to torch: a torch without it has "no Triton"
+try: from torch.utils._triton import has_triton  # private: a torch without it has "no Triton"
 except ImportError: has_triton = lambda: False  # so a GPU runs eager, and says so
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hellaswag import HellaSwagError, evaluate, iterate_examples
-from checkpoints import (RESUME_MAY_CHANGE, checkpoint_state, load_checkpoint, restore, resume_hint, run_record,
-                         save_checkpoint)
-from longrun import (Log, ShardError, StopSignals, close_run, exit_status, init_process_group, lost_rank,
-                     note_skipped_tokens, open_log_dir, shard_identity, stop_all_on)
+from checkpoints import (RESUME_MAY_CHANGE, checkpoint_state, load_checkpoint, restore, resume_hint,
+                         run_record, save_checkpoint)
+from longrun import (Log, ShardError, StopSignals, close_run, exit_status, init_process_group,
+                     lost_rank, note_skipped_tokens, open_log_dir, shard_identity, stop_all_on)
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -244,19 +244,21 @@ class Optimizers:
 # ----------------------------------------------------------------------------------------------
 # data
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the working directory
+HERE = os.path.dirname(os.path.abspath(__file__))  # default paths start here, not in the cwd
 
 
 def load_tokens(path, whole=False):
     """A shard's uint16 tokens: memory-mapped to check its header cheaply, or read whole to train on
-    (200 MB for 100M; the lecture's int64 copy is 800 MB): a file cut short under a map is SIGBUS."""
+    (200 MB per 100M; the lecture's int64 copy: 800 MB): a file cut short under a map is SIGBUS."""
     try:
         tokens = np.load(path, mmap_mode=None if whole else "r")
-    except (OSError, ValueError, EOFError) as e:  # empty, cut short, not .npy (numpy 1.x adds " when allow_pickle...")
-        raise ShardError(f"{path} is not a shard fineweb.py wrote ({str(e).split('.')[0].split(' when')[0]})") from None
+    except (OSError, ValueError, EOFError) as e:  # empty, cut short, not .npy
+        reason = str(e).split(".")[0].split(" when")[0]  # numpy 1.x adds " when allow_pickle..."
+        raise ShardError(f"{path} is not a shard fineweb.py wrote ({reason})") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise ShardError(f"{path} holds {tokens.dtype} {tokens.shape}, not the 1-D uint16 tokens fineweb.py writes")
-    if whole and len(tokens) and tokens.max() >= 50257:  # one pass over the shard, each time it is opened
+        raise ShardError(f"{path} holds {tokens.dtype} {tokens.shape}, "
+                         "not the 1-D uint16 tokens fineweb.py writes")
+    if whole and len(tokens) and tokens.max() >= 50257:  # one pass, each time a shard is opened
         raise ShardError(f"{path} holds token id {tokens.max()}; GPT-2's ids are below 50257")
     return tokens
 
@@ -267,7 +269,7 @@ class DataLoaderLite:
     A step's micro-batches are consecutive B*T slices dealt round-robin to the ranks (rank r takes
     slices r, r+W, r+2W, ...); a step never straddles two shards, and the position is the same on
     every rank, so ranks leave a shard together and W ranks take exactly the slices of one process
-    with W x the micro-steps. Train shards come in a seeded order, new each epoch, same on all ranks.
+    with W x the micro-steps. Train shards go in a seeded order, new each epoch, same on all ranks.
     """
 
     def __init__(self, data_dir, split, B, T, rank, world_size, seed=0, step_tokens=None):
@@ -277,12 +279,13 @@ class DataLoaderLite:
         self.shards = sorted(glob.glob(os.path.join(data_dir, f"edufineweb_{split}_*.npy")))
         if not self.shards:
             raise ShardError(f"{data_dir} holds no {split} shards (edufineweb_{split}_*.npy)")
-        # each shard's header, size and ends, now (cheap): a damaged one stops the run before it trains
+        # each shard's header, size and ends now (cheap): a damaged one stops the run at once
         self.sizes = {os.path.basename(p): shard_identity(p, load_tokens(p)) for p in self.shards}
-        need = (self.step_tokens if self.shuffle else T) + 1  # a step's slices (val: a row), +1 target
+        need = (self.step_tokens if self.shuffle else T) + 1  # a step (val: a row) and a target
         if max(n for n, _ in self.sizes.values()) < need:
-            raise ShardError(f"every {split} shard in {data_dir} is shorter than " + (
-                f"one step's {need} tokens" if self.shuffle else f"one row of -T {T} plus a target"))
+            what = (f"one step's {need} tokens" if self.shuffle
+                    else f"one row of -T {T} plus a target")
+            raise ShardError(f"every {split} shard in {data_dir} is shorter than {what}")
         if self.shuffle and rank == 0:  # a step never spans two shards: say if that skips much
             note_skipped_tokens([n for n, _ in self.sizes.values()], self.step_tokens)
         self.reset()
@@ -296,20 +299,23 @@ class DataLoaderLite:
         self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
 
     def state_dict(self):  # the shards too: a resumed run reads the very same ones
-        shards = [[os.path.basename(path), *self.sizes[os.path.basename(path)]] for path in self.shards]
-        return {"epoch": self.epoch, "shard": self.shard, "position": self.position, "shards": shards}
+        shards = [[name, *self.sizes[name]] for name in map(os.path.basename, self.shards)]
+        return {"epoch": self.epoch, "shard": self.shard, "position": self.position,
+                "shards": shards}
 
     def load_state_dict(self, state):
         self.epoch, self.shard, self.position = state["epoch"], state["shard"], state["position"]
-        if state.get("shards"):  # a checkpoint's own list (checkpoints.other_run checks they are all here)
-            self.shards = [os.path.join(os.path.dirname(self.shards[0]), name) for name, *_ in state["shards"]]
+        if state.get("shards"):  # the checkpoint's list (checkpoints.other_run checks all are here)
+            folder = os.path.dirname(self.shards[0])
+            self.shards = [os.path.join(folder, name) for name, *_ in state["shards"]]
         self.order = self.shard_order(self.epoch)
         self.tokens = load_tokens(self.shards[self.order[self.shard]], whole=True)
 
     def next_batch(self):
         B, T, W = self.B, self.T, self.world_size
         # at a step's start, if the shard has no whole step left, go on to the next shard
-        while self.position % self.step_tokens == 0 and self.position + self.step_tokens + 1 > len(self.tokens):
+        while (self.position % self.step_tokens == 0
+               and self.position + self.step_tokens + 1 > len(self.tokens)):
             self.position, self.shard = 0, self.shard + 1
             if self.shard == len(self.shards):  # next epoch, in a new order
                 self.epoch, self.shard = self.epoch + 1, 0
@@ -326,20 +332,21 @@ class DataLoaderLite:
 # ----------------------------------------------------------------------------------------------
 # helpers
 
-# dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets (fp16 on T4 and V100, which have no bf16), for
-# MFU; the first name found in the GPU's name wins, so "H100 PCIe" comes before "H100" and "L40S" before "L4"
-PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989, "B200": 2250,
-               "A100": 312, "L40S": 362, "L40": 181, "L4": 121, "RTX 5090": 209, "RTX 4090": 165, "RTX 3090": 71,
-               "A6000": 155, "T4": 65, "V100": 125}
+# dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets (fp16 on T4 and V100: no bf16), for MFU;
+# the first name found in the GPU's name wins: "H100 PCIe" comes before "H100", "L40S" before "L4"
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989,
+               "B200": 2250, "A100": 312, "L40S": 362, "L40": 181, "L4": 121, "RTX 5090": 209,
+               "RTX 4090": 165, "RTX 3090": 71, "A6000": 155, "T4": 65, "V100": 125}
 
 
 def native_bf16(device_type):
-    """Does this chip compute bf16 itself? (Emulated bf16 is slower than float32.) A torch that cannot tell: no."""
+    """Does this chip compute bf16 itself (emulated bf16 is slower than float32)? If unsure: no."""
     if device_type == "cuda":  # Ampere (compute capability 8.0) and later; a T4 or V100 emulates it
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "mps":  # Apple GPUs, from macOS 14
         return torch.backends.mps.is_macos_or_newer(14, 0)
-    return any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("avx512_bf16", "amx_tile"))  # e.g. Zen 4
+    isas = ("avx512_bf16", "amx_tile")  # AVX512-BF16 (e.g. Zen 4) or AMX (Intel Sapphire Rapids)
+    return any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in isas)
 
 
 def get_lr(step, max_lr, warmup_steps, max_steps):
@@ -352,11 +359,12 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
 
 
 def divergence_error(step, loss, norm, resume=lambda: ""):
-    """The error line (ending in resume(), made only then) when the loss or gradient norm is nan or inf (the
-    run diverged), else None. Under float16 the caller passes norm 0: an inf gradient is the scaler's to skip."""
-    if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before optimizer.step() writes nan into the weights
-        return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and stopped before the "
-                f"optimizer step; start again with a lower --max-lr or a longer --warmup-steps{resume()}")
+    """The error line (ending in resume(), made only then) when the loss or gradient norm is nan or
+    inf (the run diverged), else None. Under float16, norm is 0: the scaler skips inf gradients."""
+    if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before nan reaches the weights
+        return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and "
+                "stopped before the optimizer step; start again with a lower --max-lr or a "
+                f"longer --warmup-steps{resume()}")
     return None
 
 
@@ -366,7 +374,8 @@ def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
-        sys.exit(f"error: --device {name} is not available on this machine; use --device auto or cpu")
+        sys.exit(f"error: --device {name} is not available on this machine; "
+                 "use --device auto or cpu")
     return name
 
 
@@ -395,21 +404,25 @@ def generate(model, idx, max_length, generator=None, top_k=50):
 
 
 def setup_ddp(device_name):
-    """(ddp, rank, local rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: one
-    process per GPU; without torchrun, one process."""
+    """(ddp, rank, local rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE:
+    one process per GPU; without torchrun, one process."""
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 0, 1, pick_device(device_name)
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
     if device_name in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     elif device_name in ("auto", "cpu"):
         device = "cpu"
     else:
-        sys.exit(f"error: --device {device_name} under torchrun: DDP here runs on cpu, or on cuda where CUDA is")
+        sys.exit(f"error: --device {device_name} under torchrun: DDP here runs on cpu, "
+                 "or on cuda where CUDA is")
     # nccl: NVIDIA's GPU collectives, where this torch has them (not on Windows or macOS);
     # gloo otherwise, which also all-reduces CUDA tensors, more slowly
-    init_process_group(backend="nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo")
+    nccl = device.startswith("cuda") and dist.is_nccl_available()
+    init_process_group(backend="nccl" if nccl else "gloo")
     return True, rank, local_rank, world_size, device
 
 
@@ -423,8 +436,9 @@ def all_reduce_mean(t):
 
 @torch.no_grad()
 def val_loss(model, tokens, B, T, val_tokens, device, autocast):
-    """The mean loss over the val shard's first val_tokens tokens: rows of T, in batches of up to B rows, batch i
-    on rank i % W, so any -B and 1, 2 or 8 ranks give the same figure (the lecture's 20 batches per rank did not)."""
+    """The mean loss over the val shard's first val_tokens tokens: rows of T, in batches of up to B
+    rows, batch i on rank i % W, so any -B and 1, 2 or 8 ranks give the same figure (the lecture's
+    20 batches per rank did not)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     rows = max(1, min(val_tokens, len(tokens) - 1) // T)  # whole rows, at most what the shard holds
     loss_sum = torch.zeros((), device=device)
@@ -440,8 +454,9 @@ def val_loss(model, tokens, B, T, val_tokens, device, autocast):
 
 
 def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast, print0):
-    """Val loss, and HellaSwag where there is a copy, printed by rank 0; returns ((step, val), log lines)."""
-    val = val_loss(model, val_loader.tokens, args.batch_size, args.seq_len, args.val_tokens, device, autocast)
+    """Val loss and HellaSwag (if there is a copy), printed by rank 0: ((step, val), log lines)."""
+    val = val_loss(model, val_loader.tokens, args.batch_size, args.seq_len, args.val_tokens, device,
+                   autocast)
     print0(f"validation loss: {val:.4f}")
     entries = [f"{step} val {val:.4f}"]
     if hella:
@@ -452,11 +467,12 @@ def evaluate_now(step, model, raw_model, val_loader, hella, args, device, autoca
 
 
 def hellaswag_counts(model, examples, device, autocast):
-    """HellaSwag (examples, correct by acc_norm): each rank scores every W-th example on the 50,257 real
-    logits, and the counts are summed over the ranks."""
+    """HellaSwag (examples, correct by acc_norm): each rank scores every W-th example on the 50,257
+    real logits, and the counts are summed over the ranks."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     with autocast:
-        counts = evaluate(lambda idx: model(idx)[0][..., :50257], examples[rank::world], batch_size=8, device=device)
+        counts = evaluate(lambda idx: model(idx)[0][..., :50257], examples[rank::world],
+                          batch_size=8, device=device)
     counts = torch.tensor(counts, dtype=torch.long, device=device)  # (n, correct, correct_norm)
     if dist.is_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -465,7 +481,7 @@ def hellaswag_counts(model, examples, device, autocast):
 
 
 def sample(model, num_return_sequences, max_length, seed):
-    """Stage 1's samples from the model as it is now: the uncompiled module, so growing lengths never recompile."""
+    """Stage 1's samples from the model now, uncompiled: growing lengths would recompile."""
     device, enc = next(model.parameters()).device, gpt2_tokenizer()
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens
     prompt = prompt.unsqueeze(0).repeat(num_return_sequences, 1)  # (5, 8)
@@ -476,18 +492,21 @@ def sample(model, num_return_sequences, max_length, seed):
 
 
 def load_hellaswag(args, device, print0):
-    """HellaSwag val for the in-run evaluation (`datasets` caches it; ranks that ask at once wait for one
-    download); offline, the run trains without it. Every rank scores a share: all have it, or none uses it."""
-    gpt2_tokenizer()  # on every rank now: a rank 0 without the BPE files at its first sample would leave alone
+    """HellaSwag val for the in-run evaluation (`datasets` caches it; ranks that ask at once wait
+    for one download); offline, the run trains without it. Every rank scores a share: all have it,
+    or none uses it."""
+    gpt2_tokenizer()  # now, on all ranks: else rank 0 alone would fail at its first sample
     if args.hellaswag_file and not os.path.isfile(args.hellaswag_file):
         sys.exit(f"error: --hellaswag-file {args.hellaswag_file} not found")
     try:
-        hella = list(iterate_examples("val", data_file=args.hellaswag_file))[:args.hellaswag_limit or None]
-    except HellaSwagError as e:  # offline with nothing cached, no `datasets`, or not a HellaSwag file
+        hella = list(iterate_examples("val", data_file=args.hellaswag_file))
+        hella = hella[:args.hellaswag_limit or None]
+    except HellaSwagError as e:  # offline, nothing cached; no `datasets`; not a HellaSwag file
         hella = None
-        print0(f"HellaSwag is off for this run: {e}" + ("" if args.hellaswag_file else
-                                                         "; pass --hellaswag-file PATH for a local copy"))
-    if dist.is_initialized() and all_reduce_mean(torch.tensor(float(bool(hella)), device=device)) < 1:
+        print0(f"HellaSwag is off for this run: {e}"
+               + ("" if args.hellaswag_file else "; pass --hellaswag-file PATH for a local copy"))
+    have = float(bool(hella))  # every rank has HellaSwag: the mean over the ranks is 1
+    if dist.is_initialized() and all_reduce_mean(torch.tensor(have, device=device)) < 1:
         hella = None
     return hella
 
@@ -497,25 +516,27 @@ def load_hellaswag(args, device, print0):
 
 
 def flag_range(lo, hi=math.inf, kind=int):
-    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before any work,
-    with one line naming the flag (see make_parser)."""
+    """An argparse type: a `kind` from lo to hi. Anything else stops the run at parse_args, before
+    any work, with one line naming the flag (see make_parser)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan  # compares false with everything: the error below
         if not lo <= value <= hi or value == math.inf:  # finite values only (nan compares false)
-            want = f"{lo} or more" if hi == math.inf else f"from {lo} to {hi}"
-            raise argparse.ArgumentTypeError(f"got {text}; pass {'an integer' if kind is int else 'a number'} {want}")
+            a = "an integer" if kind is int else "a number"
+            want = f"{a} {lo} or more" if hi == math.inf else f"{a} from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"got {text}; pass {want}")
         return value
     return parse
 
 
 def make_parser():
     """The flags; their defaults are the lecture's values."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=RESUME_MAY_CHANGE)
-    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here (no usage block)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("-B", "--batch-size", type=flag_range(1), default=64, help="64 (4 on CPU)")
     parser.add_argument("-T", "--seq-len", type=flag_range(1, GPTConfig.block_size), default=1024,
@@ -525,7 +546,7 @@ def make_parser():
     parser.add_argument("--num-return-sequences", type=flag_range(1), default=5)
     parser.add_argument("--max-length", type=flag_range(9, GPTConfig.block_size), default=30,
                         help="tokens per sample, the 8-token prompt included")
-    parser.add_argument("--seed", type=flag_range(0, 2**64 - 1), default=1337)  # the lecture's training seed
+    parser.add_argument("--seed", type=flag_range(0, 2**64 - 1), default=1337)  # the lecture's seed
     parser.add_argument("--n-layer", type=flag_range(1), default=12)
     parser.add_argument("--n-head", type=flag_range(1), default=12)
     parser.add_argument("--n-embd", type=flag_range(1), default=768)
@@ -533,22 +554,27 @@ def make_parser():
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on for CUDA, off elsewhere)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="autocast dtype (default: bfloat16 where native, else float16 on a GPU, float32 on a CPU)")
-    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None, help="the GPU's peak, for mfu")
+                        help="default: bfloat16 where native, else float16 (GPU) or float32 (CPU)")
+    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None,
+                        help="the GPU's peak, for mfu")
     parser.add_argument("--total-batch-size", type=flag_range(1), default=524288,
                         help="tokens per step (4*B*T*ranks on CPU)")
     parser.add_argument("--max-lr", type=flag_range(0, kind=float), default=0.05,
                         help="0.05: Muon's, the record's; AdamW's groups take multiples of it")
-    parser.add_argument("--warmup-steps", type=flag_range(0), default=0, help="0, the record's (10 on CPU)")
+    parser.add_argument("--warmup-steps", type=flag_range(0), default=0,
+                        help="0, the record's (10 on CPU)")
     parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
     parser.add_argument("--eval-every", type=flag_range(1), default=250, help="250 (10 on CPU)")
-    parser.add_argument("--val-tokens", type=flag_range(1), default=10485760, help="val loss tokens, the same on any "
-                        "number of GPUs: the lecture's 20 x 64 x 1024 x 8 (2560 on CPU)")
-    parser.add_argument("--hellaswag-file", default=None, help="a local HellaSwag val .jsonl/.parquet (default: hub)")
+    parser.add_argument("--val-tokens", type=flag_range(1), default=10485760,
+                        help="val loss tokens, the same on any number of GPUs: "
+                             "the lecture's 20 x 64 x 1024 x 8 (2560 on CPU)")
+    parser.add_argument("--hellaswag-file", default=None,
+                        help="a local HellaSwag val .jsonl/.parquet (default: hub)")
     parser.add_argument("--hellaswag-limit", type=flag_range(0), default=0,
                         help="examples per eval (0 = all; 40 on CPU)")
     parser.add_argument("--checkpoint-every", type=flag_range(1), default=5000)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --log-dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in --log-dir")
     return parser
 
 
@@ -559,33 +585,35 @@ def main(argv=None):
     if not hasattr(torch.optim, "Muon"):  # PyTorch's own Muon (change 6), from 2.9 on
         sys.exit(f"error: 8_train_modern.py needs torch 2.9 or newer (torch.optim.Muon), not "
                  f"{torch.__version__}; pip install -U torch")
-    # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 extra rows are never targets
-    config = GPTConfig(vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 new rows are never targets
+    config = GPTConfig(vocab_size=50304,
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = setup_ddp(args.device)
     master_process = ddp_rank == 0  # rank 0 prints, logs, samples and saves checkpoints
     print0 = print if master_process else lambda *a, **k: None
     device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
-    if device_type == "cpu":  # the lecture's values are for a GPU: on a CPU a step would take minutes
-        parser.set_defaults(batch_size=4, seq_len=128, total_batch_size=None, steps=50, warmup_steps=10,
-                            eval_every=10, val_tokens=2560, hellaswag_limit=40)
+    if device_type == "cpu":  # the lecture's values are for a GPU: a CPU step would take minutes
+        parser.set_defaults(batch_size=4, seq_len=128, total_batch_size=None, steps=50,
+                            warmup_steps=10, eval_every=10, val_tokens=2560, hellaswag_limit=40)
         args = parser.parse_args(argv)
     B, T = args.batch_size, args.seq_len
-    if args.n_embd % (2 * args.n_head) != 0:  # each head's n_embd // n_head channels: rotary's pairs
+    if args.n_embd % (2 * args.n_head) != 0:  # each head's n_embd // n_head channels: rotary pairs
         sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of 2 x --n-head {args.n_head}; "
                  "pass one that is")
-    total_batch_size = 4 * B * T * ddp_world_size if args.total_batch_size is None else args.total_batch_size  # CPU
+    total_batch_size = args.total_batch_size or 4 * B * T * ddp_world_size  # CPU: 4 micro-steps
     if total_batch_size < 1 or total_batch_size % (B * T * ddp_world_size) != 0:
         sys.exit(f"error: --total-batch-size {total_batch_size} is not a positive multiple of "
                  f"B*T*ranks = {B * T * ddp_world_size}; change it or -B/-T")
     grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
-    print0(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps of B*T = {B * T:,}"
-           f" on each of {ddp_world_size} ranks")
-    print0(f"using device: {device}" + (f" | DDP: {ddp_world_size} ranks, {dist.get_backend()}" if ddp else ""))
+    print0(f"total batch size {total_batch_size:,} tokens = {grad_accum_steps} micro-steps"
+           f" of B*T = {B * T:,} on each of {ddp_world_size} ranks")
+    print0(f"using device: {device}"
+           + (f" | DDP: {ddp_world_size} ranks, {dist.get_backend()}" if ddp else ""))
     torch.manual_seed(args.seed)
     try:
-        train_loader = DataLoaderLite(args.data_dir, "train", B, T, ddp_rank, ddp_world_size, args.seed,
-                                      total_batch_size)
-        val_loader = DataLoaderLite(args.data_dir, "val", B, T, 0, 1)  # val_loss deals its batches to the ranks
+        train_loader = DataLoaderLite(args.data_dir, "train", B, T, ddp_rank, ddp_world_size,
+                                      args.seed, total_batch_size)
+        val_loader = DataLoaderLite(args.data_dir, "val", B, T, 0, 1)  # val_loss shares it out
     except ShardError as e:  # every rank reads the same shards: all stop here
         sys.exit(f"error: {e}; re-create it with fineweb.py, or pass --data-dir")
     hella = load_hellaswag(args, device, print0)
@@ -594,16 +622,19 @@ def main(argv=None):
     # FLOP/s on an A100); activations and weights stay fp32 in memory
     torch.set_float32_matmul_precision("high")
     # bf16 where the chip computes it, else fp16 + grad scaler on a GPU (T4, V100), float32 on a CPU
-    default = "bfloat16" if native_bf16(device_type) else "float32" if device_type == "cpu" else "float16"
+    default = ("bfloat16" if native_bf16(device_type)
+               else "float32" if device_type == "cpu" else "float16")
     dtype = getattr(torch, args.dtype or default)
-    amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler", torch.float32: "off (float32)"}[dtype]
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler"}.get(dtype, "off (float32)")
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
-    # inductor writes Triton kernels for a GPU (PyTorch ships no Triton for Windows) and C++ for a CPU
+    # inductor writes Triton kernels for a GPU (no Triton for Windows in PyTorch), C++ for a CPU
     compiler = "Triton" if device_type == "cuda" else "a C++ compiler"
-    if use_compile and not (has_triton() if device_type == "cuda" else shutil.which("c++") or shutil.which("cl")):
+    if use_compile and not (has_triton() if device_type == "cuda"
+                            else shutil.which("c++") or shutil.which("cl")):
         print0(f"not compiling: torch.compile needs {compiler} here; running eager")
         use_compile = False
-    print0(f"settings: {device_type} | B {B} T {T} | autocast {amp} | compile {'on' if use_compile else 'off'}")
+    print0(f"settings: {device_type} | B {B} T {T} | autocast {amp}"
+           f" | compile {'on' if use_compile else 'off'}")
 
     model = GPT(config)
     model.to(device)
@@ -614,37 +645,43 @@ def main(argv=None):
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
     # MFU as nanoGPT reports it (the lecture prints tok/s): FLOPs per step / dt / GPU peak. 6 per
     # weight and token (fwd + bwd) + attention's 12*n_layer*n_embd*T (PaLM, app. B); wte: a lookup
-    n_params = sum(p.numel() for p in raw_model.parameters()) - raw_model.transformer.wte.weight.numel()
+    n_params = sum(p.numel() for p in raw_model.parameters()) - config.vocab_size * config.n_embd
     flops_step = (6 * n_params + 12 * config.n_layer * config.n_embd * T) * total_batch_size
-    gpu = torch.cuda.get_device_name(device) if device_type == "cuda" and dtype != torch.float32 else ""
-    peak = args.peak_tflops or next((tflops for name, tflops in PEAK_TFLOPS.items() if name in gpu), None)
-    optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type=device_type,
-                                               log=print0)
+    gpu = (torch.cuda.get_device_name(device)
+           if device_type == "cuda" and dtype != torch.float32 else "")
+    peak = args.peak_tflops or next((t for name, t in PEAK_TFLOPS.items() if name in gpu), None)
+    optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr,
+                                               device_type=device_type, log=print0)
     # fp16 keeps 5 exponent bits (bf16 keeps fp32's 8): gradients below ~6e-8 flush to 0. The scaler
     # multiplies the loss, so every gradient, by a large factor and divides it out before the update
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    run = run_record(args, total_batch_size, T)  # what decides this run's trajectory, stored in each checkpoint
-    lock, ckpt_path, peers = open_log_dir(args.log_dir, args.resume, stop, print0)  # ckpt_path None: a fresh run
-    # --resume: the state after ckpt["step"] steps, if it is this very run (a fresh run: no ckpt_path, step 0)
+    run = run_record(args, total_batch_size, T)  # what fixes its trajectory (in each checkpoint)
+    lock, ckpt_path, peers = open_log_dir(args.log_dir, args.resume, stop, print0)
+    # --resume: the state after ckpt["step"] steps, if this is its run (fresh: no ckpt_path, step 0)
     ckpt, error = load_checkpoint(ckpt_path, device, config, run, train_loader.sizes)
     stop_all_on(error, stop, lock)
-    start_step, val = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader, args.steps, print0)
+    start_step, val = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader,
+                              args.steps, print0)
     if start_step >= args.steps:  # the run is finished (restore said so)
         return close_run(stop, lock)
     log = Log(os.path.join(args.log_dir, "log.txt") if master_process else None)  # rank 0 writes it
-    log.header(device, ddp_world_size, raw_model, total_batch_size, B, T, resumed_at=start_step if ckpt_path else None)
+    log.header(device, ddp_world_size, raw_model, total_batch_size, B, T,
+               resumed_at=start_step if ckpt_path else None)
     autocast = torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
-    losses, error, group_alive, stopping, saved = [], None, True, 0, ckpt_path  # saved: newest checkpoint on disk
+    losses, error, group_alive, stopping, saved = [], None, True, 0, ckpt_path  # saved: newest .pt
     stop.training = True  # a signal now finishes a step, which is saved
     try:  # out of memory anywhere in a step, a rank lost, a damaged shard: one line, see below
         for step in range(start_step, args.steps):
             last_step = step == args.steps - 1
-            stopping = 0 if last_step else stop.agreed(device)  # a signal: every rank stops after this step
+            stopping = 0 if last_step else stop.agreed(device)  # a signal: all ranks end after it
             entries = []
-            if (step % args.eval_every == 0 or last_step) and not stopping:  # evaluation is not part of step time
-                val, entries = evaluate_now(step, model, raw_model, val_loader, hella, args, device, autocast, print0)
-            if master_process and ((step > 0 and step % args.eval_every == 0) or last_step) and not stopping:
-                for i, text in enumerate(sample(raw_model, args.num_return_sequences, args.max_length, args.seed)):
+            if (step % args.eval_every == 0 or last_step) and not stopping:  # not counted in dt
+                val, entries = evaluate_now(step, model, raw_model, val_loader, hella, args, device,
+                                            autocast, print0)
+            if (master_process and ((step > 0 and step % args.eval_every == 0) or last_step)
+                    and not stopping):
+                texts = sample(raw_model, args.num_return_sequences, args.max_length, args.seed)
+                for i, text in enumerate(texts):
                     print(f"sample {i}: {text}")  # what does it say so far?
             t0 = time.time()
             optimizer.zero_grad()
@@ -657,7 +694,7 @@ def main(argv=None):
                 # autocast runs matmuls in bf16 (fp16); softmax, layernorm and the loss stay in fp32
                 with autocast:
                     logits, loss = model(x, y)
-                # backward() adds into .grad: 1/count of each micro-batch's mean loss sums to one big batch's
+                # .grad accumulates: each micro-batch's mean / count sums to one big batch's mean
                 loss = loss / grad_accum_steps
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()  # a no-op scale unless float16
@@ -665,30 +702,36 @@ def main(argv=None):
             scaler.unscale_(optimizer)  # float16: clip the true gradients, not the scaled ones
             # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            error = divergence_error(step, loss_accum.item(), 0.0 if scaler.is_enabled() else norm.item(),
-                                     lambda: f" in a new --log-dir; or, if it was a one-off fault, {resume_hint(saved)}")
+            error = divergence_error(step, loss_accum.item(),
+                                     0.0 if scaler.is_enabled() else norm.item(),
+                                     lambda: " in a new --log-dir; or, if it was a one-off fault, "
+                                             + resume_hint(saved))
             if error:
                 break  # every rank sees the same all-reduced loss and norm: all stop here
             lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr * param_group["lr_scale"]  # each group: its multiple
             scale = scaler.get_scale()
-            scaler.step(optimizer)  # float16: skipped if any gradient is inf/nan (the scale was too big)
+            scaler.step(optimizer)  # fp16: skipped if any gradient is inf/nan (scale too big)
             scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
-            # torch.cuda (.mps, .cpu).synchronize(): wait for the queued GPU work, or dt stops too early
+            # torch.cuda (.mps, .cpu).synchronize(): wait for queued GPU work, or dt stops too early
             getattr(torch, device_type).synchronize()
             dt = time.time() - t0
-            losses.append(loss_accum.item())  # .item() waits for the device and moves the loss to the CPU
-            line = f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f} | tok/s {total_batch_size / dt:.0f}"
+            losses.append(loss_accum.item())  # .item() waits for the device, copies the loss to CPU
+            line = (f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f}"
+                    f" | tok/s {total_batch_size / dt:.0f}")
             if peak:
                 line += f" | mfu {100 * flops_step / dt / (peak * 1e12 * ddp_world_size):.2f}"
-            print0(line + f" | lr {lr:.4e} | norm {norm:.4f}" + (" | skipped 1" if scaler.get_scale() < scale else ""))
+            line += f" | lr {lr:.4e} | norm {norm:.4f}"
+            print0(line + (" | skipped 1" if scaler.get_scale() < scale else ""))
             if master_process:
-                log.write("".join(f"{entry}\n" for entry in entries + [f"{step} train {losses[-1]:.6f}"]))
-                if (step + 1) % args.checkpoint_every == 0 or last_step or stopping:  # the state after step + 1 steps
-                    state = checkpoint_state(raw_model, optimizer, scaler, train_loader, step + 1, val, run)
-                    saved, error = save_checkpoint(args.log_dir, state, saved, last=last_step or stopping)
-            if stopping:  # all ranks stop after this step; rank 0 says how to go on, also in the log
+                log.write("".join(f"{e}\n" for e in entries + [f"{step} train {losses[-1]:.6f}"]))
+                if (step + 1) % args.checkpoint_every == 0 or last_step or stopping:
+                    state = checkpoint_state(raw_model, optimizer, scaler, train_loader, step + 1,
+                                             val, run)
+                    saved, error = save_checkpoint(args.log_dir, state, saved,
+                                                   last=last_step or stopping)
+            if stopping:  # all ranks stop here; rank 0 says how to go on, also in the log
                 if not error:
                     print0(log.note(f"stopped after step {step}; {resume_hint(saved)}"))
                 break
@@ -709,5 +752,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C: \xe9, no error)
+    sys.stdout.reconfigure(errors="backslashreplace")  # samples print on any locale (LC_ALL=C too)
     main()

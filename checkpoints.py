@@ -180,8 +180,9 @@ def other_run(ckpt, path, config, run, shard_sizes):
     """Why this run is not the checkpoint's (its losses could not equal the uninterrupted run's):
     one error line naming every difference and what to pass; None if it is the same run."""
     if ckpt["config"].keys() != asdict(config).keys():  # stage 7's GPT-2 or stage 8's: other models
-        writer = "8_train_modern.py" if "logit_softcap" in ckpt["config"] else "7_train_ddp_fineweb.py"
-        return f"error: {path} is a checkpoint of {writer}, another model; continue it with {writer}"
+        modern = "logit_softcap" in ckpt["config"]
+        writer = "8_train_modern.py" if modern else "7_train_ddp_fineweb.py"
+        return f"error: {path} is a checkpoint of {writer}, another model; continue with {writer}"
     if ckpt["config"] != asdict(config):
         return (f"error: {path} holds a model with {ckpt['config']}, this run builds "
                 f"{asdict(config)}; pass the same --n-layer/--n-head/--n-embd")
