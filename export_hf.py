@@ -1,4 +1,5 @@
-"""export_hf.py: a checkpoint of stage 7 -> a Hugging Face GPT2LMHeadModel folder, tokenizer included.
+"""export_hf.py: a checkpoint of stage 7 -> a Hugging Face GPT2LMHeadModel folder, tokenizer
+included.
 
 What the run trained is then readable by the rest of the ecosystem (transformers, its
 pipelines, lm-evaluation-harness, ...), offline:
@@ -199,7 +200,7 @@ def check_export(folder, model):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("checkpoint",
                         help="a checkpoint of 7_train_ddp_fineweb.py, e.g. log/model_19073.pt")
