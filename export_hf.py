@@ -1,4 +1,5 @@
-"""export_hf.py: a checkpoint of stage 7 -> a Hugging Face GPT2LMHeadModel folder, tokenizer included.
+"""export_hf.py: a checkpoint of stage 7 -> a Hugging Face GPT2LMHeadModel folder, tokenizer
+included.
 
 What the run trained is then readable by the rest of the ecosystem (transformers, its
 pipelines, lm-evaluation-harness, ...), offline:
@@ -53,17 +54,23 @@ class ExportError(RuntimeError):
 
 
 def read_checkpoint(path):
-    """The dict stage 7 saved: model (state dict), optimizer, config (GPTConfig's fields), step, ..."""
+    """The dict stage 7 saved: model (state dict), optimizer, config (GPTConfig's fields),
+    step, ..."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:  # weights_only: plain types and tensors, so loading runs no pickled code; mmap: the
         # optimizer's state (twice the model's size) is never read from disk. torch's legacy format
-        # (_use_new_zipfile_serialization=False, which stage 7 resumes from too) is not a zip and cannot be mapped
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # UnpicklingError (not a torch file), RuntimeError (a truncated one), ...
-        raise CheckpointError(f"{path} is not a checkpoint torch.load can read ({type(e).__name__})") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):
-        raise CheckpointError(f"{path} is not a checkpoint of {STAGE7}.py (no 'model' and 'config' in it)")
+        # (_use_new_zipfile_serialization=False, which stage 7 resumes from too) is not a zip and
+        # cannot be mapped
+        ckpt = torch.load(path, map_location="cpu", weights_only=True,
+                          mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # UnpicklingError (not a torch file), RuntimeError (truncated), ...
+        raise CheckpointError(f"{path} is not a checkpoint torch.load can read "
+                              f"({type(e).__name__})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and isinstance(ckpt.get("config"), dict)):
+        raise CheckpointError(f"{path} is not a checkpoint of {STAGE7}.py "
+                              "(no 'model' and 'config' in it)")
     return ckpt
 
 
@@ -90,9 +97,9 @@ def to_hf(model):
     c = model.config
     # GPT2Config's defaults are GPT-2's: tanh GELU ("gelu_new"), LayerNorm eps 1e-5, tied lm_head;
     # dropout 0, as our GPT was trained (it only matters to whoever fine-tunes the export)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_positions=c.block_size, n_layer=c.n_layer,
-                                    n_head=c.n_head, n_embd=c.n_embd, resid_pdrop=0.0, embd_pdrop=0.0,
-                                    attn_pdrop=0.0))
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_positions=c.block_size,
+                                    n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     sd = {}
     for k, w in model.state_dict().items():
         w = w.t() if k.endswith(TRANSPOSED) else w
@@ -134,7 +141,8 @@ def export(checkpoint, out_dir):
     umask = os.umask(0)
     os.umask(umask)
     try:
-        for what, obj in (("the model (config.json, generation_config.json, model.safetensors)", hf),
+        for what, obj in (("the model (config.json, generation_config.json, "
+                           "model.safetensors)", hf),
                           ("the tokenizer (tokenizer.json, tokenizer_config.json)", tokenizer)):
             try:
                 obj.save_pretrained(tmp)
@@ -151,7 +159,8 @@ def export(checkpoint, out_dir):
         if diff > 1e-4:
             raise ExportError(f"the export's logits differ from the checkpoint's by {diff:.2e}")
         if ids != tiktoken.get_encoding("gpt2").encode(PROMPT):
-            raise ExportError(f"the exported tokenizer's ids of {PROMPT!r}, {ids}, are not tiktoken's")
+            raise ExportError(f"the exported tokenizer's ids of {PROMPT!r}, {ids}, "
+                              "are not tiktoken's")
         emptied = os.path.isdir(out_dir)
         if emptied:
             os.rmdir(out_dir)  # empty (checked above): the rename puts the finished folder there
@@ -191,9 +200,10 @@ def check_export(folder, model):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
-    parser.add_argument("checkpoint", help="a checkpoint of 7_train_ddp_fineweb.py, e.g. log/model_19073.pt")
+    parser.add_argument("checkpoint",
+                        help="a checkpoint of 7_train_ddp_fineweb.py, e.g. log/model_19073.pt")
     parser.add_argument("out_dir", help="the folder to write (must not exist, or be empty)")
     args = parser.parse_args(argv)
     try:

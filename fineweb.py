@@ -54,9 +54,10 @@ EXTENSIONS = (".json", ".jsonl", ".parquet", ".txt")
 MANIFEST, TMP = "fineweb_manifest.json", ".writing.tmp"
 # --download: FineWeb-Edu 10B in 100M-token shards, already tokenised, in the .bin format of llm.c's
 # dev/data/data_common.py; modded-nanogpt's data/cached_finewebedu10B.py fetches the same files
-TOKENS_REPO, TOKENS_FILES = "kjj0/finewebedu10B-gpt2", 100  # finewebedu_val_000000.bin, _train_000001..99
-BIN_MAGIC, BIN_VERSION, BIN_HEADER = 20240520, 1, 256  # header: 256 int32, [magic, version, n_tokens, 0...]
-DOWNLOAD_DIR = ".download"  # inside --out-dir: the one .bin being fetched (and the hub client's notes)
+TOKENS_REPO, TOKENS_FILES = "kjj0/finewebedu10B-gpt2", 100  # val_000000, train_000001..99
+# a .bin's header: 256 int32, [magic, version, n_tokens, 0...]
+BIN_MAGIC, BIN_VERSION, BIN_HEADER = 20240520, 1, 256
+DOWNLOAD_DIR = ".download"  # in --out-dir: the one .bin being fetched (and the hub client's notes)
 
 
 class InputError(Exception):
@@ -110,7 +111,8 @@ def file_texts(path, text_field):
         try:
             pf = pq.ParquetFile(path)
         except ValueError as e:  # pyarrow's ArrowInvalid
-            raise InputError(f"{path}: not a parquet file ({str(e).splitlines()[0]}); {fix}") from None
+            raise InputError(f"{path}: not a parquet file ({str(e).splitlines()[0]}); "
+                             f"{fix}") from None
         if text_field not in pf.schema_arrow.names:
             raise InputError(f"{path}: no column {text_field!r}")
         for batch in pf.iter_batches(columns=[text_field]):  # a batch at a time, not the whole file
@@ -122,11 +124,12 @@ def file_texts(path, text_field):
             for line, raw in enumerate([f.read()] if is_array else f, 1):
                 try:
                     text = raw.decode("utf-8")
-                    records = json.loads(text) if is_array else [json.loads(text)] if text.strip() else []
+                    records = (json.loads(text) if is_array
+                               else [json.loads(text)] if text.strip() else [])
                 except UnicodeDecodeError as e:
                     line += raw[:e.start].count(b"\n")  # (a .json array is one `raw` of many lines)
                     raise InputError(f"{path}, line {line}: not UTF-8 text; {fix}") from None
-                except ValueError as e:  # json.JSONDecodeError; in a .json array, its lineno is the line
+                except ValueError as e:  # JSONDecodeError; in a .json array its lineno is the line
                     line = e.lineno if is_array else line
                     raise InputError(f"{path}, line {line}: not JSON ({e.msg}); {fix}") from None
                 for record in records:
@@ -153,7 +156,8 @@ def hub_texts(streaming, text_field, skip):
 
 def write_atomic(path, write):
     """write(f) into a temporary file beside `path`, then rename: readers never see half a file.
-    A failed write (a full disk: ENOSPC) leaves the complete files as they were, and no temporary."""
+    A failed write (a full disk: ENOSPC) leaves the complete files as they were, and no
+    temporary."""
     tmp = path.parent / TMP
     try:
         with open(tmp, "wb") as f:  # a file handle: np.save("x.tmp") would write "x.tmp.npy"
@@ -165,8 +169,9 @@ def write_atomic(path, write):
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise InputError(f"could not write {path} ({e.strerror or e}); the files written before it "
-                             "are complete: make room and run the same command again") from None
+            raise InputError(f"could not write {path} ({e.strerror or e}); the files written "
+                             "before it are complete: make room and run the same command "
+                             "again") from None
         raise
 
 
@@ -182,10 +187,11 @@ def load_manifest(out_dir, config, overwrite):
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:  # not UTF-8, not JSON: not a manifest this script wrote
-            raise InputError(f"{path} is not a manifest fineweb.py can read; pass another --out-dir, "
-                             "or --overwrite to start again") from None
+            raise InputError(f"{path} is not a manifest fineweb.py can read; "
+                             "pass another --out-dir, or --overwrite to start again") from None
         if not manifest.get("shards") and not any(out_dir.glob("edufineweb_*.npy")):
-            return fresh  # an earlier run that wrote no shard (it failed, or was stopped): nothing to keep
+            # an earlier run that wrote no shard (it failed, or was stopped): nothing to keep
+            return fresh
         if {k: manifest.get(k) for k in config} != config:
             raise InputError(f"{out_dir} holds shards of another --shard-size or source; "
                              "pass another --out-dir, or --overwrite to start again")
@@ -271,7 +277,8 @@ def download(args, out_dir):
         remote, name = f"finewebedu_{split}_{index:06d}.bin", f"edufineweb_{split}_{index:06d}.npy"
         try:
             path = hub_download(remote, fetch_dir)
-        except Exception as e:  # offline, unreachable, not found, disk full: each client version has its own
+        # offline, unreachable, not found, disk full: each client version has its own exceptions
+        except Exception as e:
             if not any(p.is_file() for p in fetch_dir.rglob("*.incomplete")):  # nothing to resume
                 shutil.rmtree(fetch_dir, ignore_errors=True)
                 if made_out_dir:
@@ -280,9 +287,9 @@ def download(args, out_dir):
             reason = (str(e).strip().splitlines() or [""])[0]
             reason = reason if len(reason) <= 160 else reason[:157] + "..."
             raise InputError(f"could not download {remote} from the hub dataset {TOKENS_REPO} "
-                             f"({type(e).__name__}: {reason}); check the connection (or HF_ENDPOINT, "
-                             "for a mirror), or run plain `python fineweb.py` to tokenise the "
-                             "FineWeb-Edu text instead") from None
+                             f"({type(e).__name__}: {reason}); check the connection "
+                             "(or HF_ENDPOINT, for a mirror), or run plain `python fineweb.py` "
+                             "to tokenise the FineWeb-Edu text instead") from None
         shards.append({"file": name, "tokens": bin_to_npy(path, out_dir / name)})
         manifest["done"] = len(shards) == TOKENS_FILES
         save_manifest()
@@ -299,7 +306,8 @@ def run(args):
             raise InputError(f"{flag} {value} is out of range; pass an integer {least} or more")
     out_dir = Path(args.out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out-dir {out_dir} is a file, not a folder; pass a folder (it is made if missing)")
+        raise InputError(f"--out-dir {out_dir} is a file, not a folder; "
+                         "pass a folder (it is made if missing)")
     if args.download:
         if args.data_files or args.streaming or args.shard_size != 10**8:
             raise InputError("--download fetches the hub's 100M-token shards: it takes no "
@@ -313,14 +321,17 @@ def run(args):
             if p.suffix not in EXTENSIONS:
                 raise InputError(f"{p}: unsupported file type (use {' '.join(EXTENSIONS)})")
             if p == out_dir / MANIFEST:
-                raise InputError(f"{p} is the manifest this run writes in --out-dir; pass another --out-dir")
-        # read them whole once before anything is written: a file that is not UTF-8, a line that is not
-        # JSON, a record without text stops the run here, not after the shards before it
+                raise InputError(f"{p} is the manifest this run writes in --out-dir; "
+                                 "pass another --out-dir")
+        # read them whole once before anything is written: a file that is not UTF-8, a line that
+        # is not JSON, a record without text stops the run here, not after the shards before it
         n_docs = n_chars = 0
         for text in local_texts(paths, args.text_field):
             n_docs, n_chars = n_docs + 1, n_chars + len(text)
-        if not n_chars:  # (an empty document is one, <|endoftext|>, as in the lecture's shards, but none at all)
-            raise InputError(f"the --data-files hold no text ({n_docs} document(s), all empty); pass files with text")
+        # (an empty document is one, <|endoftext|>, as in the lecture's shards, but none at all)
+        if not n_chars:
+            raise InputError(f"the --data-files hold no text ({n_docs} document(s), all empty); "
+                             "pass files with text")
         # sizes too: a file edited since the interrupted run must not be resumed into
         source = {"data_files": [[str(p), p.stat().st_size] for p in paths]}
     else:
@@ -396,8 +407,9 @@ def run(args):
     save_manifest()
     print(f"{len(shards)} shards, {sum(s['tokens'] for s in shards):,} tokens in {out_dir}")
     if len(shards) == 1:  # said, not silent: stage 7 would refuse this folder
-        print(f"note: only the val shard ({shards[0]['tokens']:,} tokens): 7_train_ddp_fineweb.py needs a "
-              "train shard too; pass more text or a smaller --shard-size (and --overwrite)")
+        print(f"note: only the val shard ({shards[0]['tokens']:,} tokens): "
+              "7_train_ddp_fineweb.py needs a train shard too; pass more text or a smaller "
+              "--shard-size (and --overwrite)")
 
 
 def main(argv=None):

@@ -57,8 +57,9 @@ def gpt2_encoder():
 # ----------------------------------------------------------------------------- data
 
 def hub_reachable(timeout=3.0):
-    """Whether the hub (HF_ENDPOINT's host) takes a connection at all, found in at most `timeout` s. Behind a
-    proxy there is no direct route to try: then it is taken to be reachable."""
+    """Whether the hub (HF_ENDPOINT's host) takes a connection at all, found in at most
+    `timeout` s. Behind a proxy there is no direct route to try: then it is taken to be
+    reachable."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
@@ -71,18 +72,20 @@ def hub_reachable(timeout=3.0):
 
 
 def hub_rows(split, cache_dir=None):
-    """The rows of one split of the hub dataset (downloaded once, then read from the cache). Offline, the
-    hub clients would retry for ~25 s before reading their cache: where the hub cannot be reached they are
-    told so first (HF_HUB_OFFLINE=1), and the cache answers at once."""
+    """The rows of one split of the hub dataset (downloaded once, then read from the cache).
+    Offline, the hub clients would retry for ~25 s before reading their cache: where the hub cannot
+    be reached they are told so first (HF_HUB_OFFLINE=1), and the cache answers at once."""
     if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # read when imported
-        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+                             ("datasets.config", "HF_HUB_OFFLINE")):
             if module in sys.modules and hasattr(sys.modules[module], name):  # imported already
                 setattr(sys.modules[module], name, True)
     try:
         from datasets import load_dataset  # heavy, and absent on some GPU images: only here
     except ImportError:
-        raise HellaSwagError(f"reading the hub dataset {HUB_PATH} needs `pip install datasets`") from None
+        raise HellaSwagError(f"reading the hub dataset {HUB_PATH} needs "
+                             "`pip install datasets`") from None
     try:
         return load_dataset(HUB_PATH, split=HUB_SPLITS[split], cache_dir=cache_dir)
     except OSError as e:  # ConnectionError offline with nothing cached, DatasetNotFoundError, ...
@@ -112,7 +115,8 @@ def file_rows(path):
                     try:
                         row = json.loads(line)
                     except ValueError:
-                        raise HellaSwagError(f"{path}, line {i}: not a JSON record {expected}") from None
+                        raise HellaSwagError(f"{path}, line {i}: not a JSON record "
+                                             f"{expected}") from None
                     yield row
         except UnicodeDecodeError:
             raise HellaSwagError(f"{path}: not UTF-8 text {expected}") from None
@@ -133,8 +137,10 @@ def example_problem(row):
     if missing:
         return f"it has no {' or '.join(missing)}"
     ctx, endings, label = row["ctx"], row["endings"], row["label"]
-    if not isinstance(ctx, str) or not ctx:  # an empty context leaves an ending's first token unscored
-        return f"its ctx is {what(ctx) if not isinstance(ctx, str) else 'empty'}, not a non-empty string"
+    # an empty context leaves an ending's first token unscored
+    if not isinstance(ctx, str) or not ctx:
+        return (f"its ctx is {what(ctx) if not isinstance(ctx, str) else 'empty'}, "
+                "not a non-empty string")
     if not isinstance(endings, (list, tuple)) or len(endings) != 4:
         count = f" of {len(endings)}" if isinstance(endings, (list, tuple)) else ""
         return f"its endings are {what(endings)}{count}, not a list of 4 strings"
@@ -159,7 +165,8 @@ def iterate_examples(split="val", data_file=None, cache_dir=None):
             where, fix = ((data_file, "fix or remove that row") if data_file else
                           (f"the hub dataset {HUB_PATH} ({HUB_SPLITS[split]})",
                            "delete its copy in the `datasets` cache to download it again"))
-            raise HellaSwagError(f"{where}: example {i}{ind} is not a HellaSwag example: {problem}; {fix}")
+            raise HellaSwagError(f"{where}: example {i}{ind} is not a HellaSwag example: "
+                                 f"{problem}; {fix}")
         yield {**row, "label": int(row["label"])}  # the hub's label is a string, "3"
     if data_file and i < 0:  # an empty file: said in one line, never a silent "no HellaSwag"
         raise HellaSwagError(f"{data_file} holds no HellaSwag examples; pass the val split's file")
@@ -256,12 +263,14 @@ def predictions(model_fn, examples, batch_size=1, device="cpu", enc=None, block_
         yield from zip([label for *_, label in rendered], preds, preds_norm)
 
 
-def evaluate(model_fn, examples, batch_size=1, device="cpu", enc=None, log_every=0, block_size=1024):
+def evaluate(model_fn, examples, batch_size=1, device="cpu", enc=None, log_every=0,
+             block_size=1024):
     """Counts (n, correct, correct_norm) over examples; acc = correct / n, acc_norm likewise.
     Under DDP each rank can take its share, `itertools.islice(examples, rank, None, world)`,
     and the ranks' counts be summed. block_size: the model's context, as in predictions."""
     n = correct = correct_norm = 0
-    for label, pred, pred_norm in predictions(model_fn, examples, batch_size, device, enc, block_size):
+    for label, pred, pred_norm in predictions(model_fn, examples, batch_size, device, enc,
+                                              block_size):
         n += 1
         correct += pred == label
         correct_norm += pred_norm == label
@@ -292,10 +301,11 @@ def load_model(name, device):
         model = GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32)
     except OSError as e:  # HF raises OSError when the hub is unreachable or the name is unknown
         sys.exit(f"error: could not load model {name!r}: {str(e).splitlines()[0]}")
-    except SafetensorError as e:  # a cut-off copy or download: "Error while deserializing header: ..."
+    # a cut-off copy or download: "Error while deserializing header: ..."
+    except SafetensorError as e:
         sys.exit(f"error: could not load model {name!r}: {damaged_weights(name)} cannot be read "
-                 f"({str(e).splitlines()[0]}), truncated or damaged; export it again (export_hf.py) "
-                 "or download it again")
+                 f"({str(e).splitlines()[0]}), truncated or damaged; export it again "
+                 "(export_hf.py) or download it again")
     model.to(device).eval()
     return lambda idx: model(idx).logits, model.config.n_positions
 
@@ -319,7 +329,8 @@ def device_problem(name):
     """Why `name` is no device of this machine (one phrase), or None."""
     try:
         device = torch.device(name)
-    except RuntimeError:  # "Expected one of cpu, cuda, ... device type at start of device string: tpu"
+    # "Expected one of cpu, cuda, ... device type at start of device string: tpu"
+    except RuntimeError:
         return "not a device name (cpu, cuda, cuda:1, mps)"
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU here"
@@ -341,15 +352,20 @@ def main(argv=None):
                              "default: %(default)s")
     parser.add_argument("-d", "--device", default="auto",
                         help="auto (first of cuda, mps, cpu; the default), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--split", default="val", choices=["train", "val"], help="default: %(default)s (test has no labels)")
+    parser.add_argument("--split", default="val", choices=["train", "val"],
+                        help="default: %(default)s (test has no labels)")
     parser.add_argument("--data-file", default=None,
                         help="a local copy instead of the hub: jsonl (the original format or the "
                              "hub's) or the hub's .parquet")
     parser.add_argument("--cache-dir", default=None,
-                        help="the `datasets` cache for the hub dataset (default: ~/.cache/huggingface)")
-    parser.add_argument("--batch-size", type=int, default=1, help="examples per forward pass (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N examples (default: all)")
-    parser.add_argument("--log-every", type=int, default=500, help="progress line every N examples (default: %(default)s)")
+                        help="the `datasets` cache for the hub dataset "
+                             "(default: ~/.cache/huggingface)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="examples per forward pass (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N examples (default: all)")
+    parser.add_argument("--log-every", type=int, default=500,
+                        help="progress line every N examples (default: %(default)s)")
     args = parser.parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
                                ("--log-every", args.log_every, 0)):
@@ -374,7 +390,8 @@ def main(argv=None):
         examples = list(itertools.islice(
             iterate_examples(args.split, args.data_file, args.cache_dir), args.limit))
     except (HellaSwagError, OSError) as e:  # offline with nothing cached, or a bad --data-file
-        hint = "" if args.data_file else "; pass --data-file PATH to read a local copy (jsonl or parquet)"
+        hint = ("" if args.data_file
+                else "; pass --data-file PATH to read a local copy (jsonl or parquet)")
         sys.exit(f"error: {e}{hint}")
     if not examples:
         sys.exit("error: no examples to evaluate")

@@ -23,15 +23,17 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the lecture's baselines (its notebook, build-nanogpt play.ipynb): the val loss of OpenAI's GPT-2
 # 124M checkpoint on our FineWeb-Edu val split (given for 124M only), and HellaSwag acc_norm of
-# GPT-2 (the notebook's figures; hellaswag.py gets 0.2955 for 124M) and GPT-3 (its paper's zero-shot figures, for its 125M, 350M,
-# 760M and 1.3B models, the sizes nearest GPT-2's)
+# GPT-2 (the notebook's figures; hellaswag.py gets 0.2955 for 124M) and GPT-3 (its paper's
+# zero-shot figures, for its 125M, 350M, 760M and 1.3B models, the sizes nearest GPT-2's)
 GPT2_VAL_LOSS = {"124M": 3.2924}
 GPT2_HELLA = {"124M": 0.2945, "350M": 0.3752, "774M": 0.4320, "1558M": 0.4889}
 GPT3_HELLA = {"124M": 0.337, "350M": 0.436, "774M": 0.510, "1558M": 0.547}
 GPT3_NAME = {"124M": "125M", "350M": "350M", "774M": "760M", "1558M": "1.3B"}
-GPT2_SIZE = {(12, 768): "124M", (24, 1024): "350M", (36, 1280): "774M", (48, 1600): "1558M"}  # (n_layer, n_embd)
+# keyed by (n_layer, n_embd)
+GPT2_SIZE = {(12, 768): "124M", (24, 1024): "350M", (36, 1280): "774M", (48, 1600): "1558M"}
 # written by 7_train_ddp_fineweb.py's log_header
-MODEL_LINE = re.compile(r"^# model: n_layer (\d+) n_head \d+ n_embd (\d+) .*\| total batch size (\d+) tokens")
+MODEL_LINE = re.compile(r"^# model: n_layer (\d+) n_head \d+ n_embd (\d+) "
+                        r".*\| total batch size (\d+) tokens")
 KINDS = ("train", "val", "hella")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG file
 
@@ -64,7 +66,7 @@ def read_log(path):
                 except (IndexError, ValueError, AssertionError):
                     skipped += bool(fields)  # blank lines are not worth a mention
                     continue
-                streams[kind][step] = value  # dicts keep the first insertion's place, the last value
+                streams[kind][step] = value  # dicts keep the first insertion's place, last value
     except (OSError, UnicodeDecodeError) as e:
         raise LogError(f"could not read {path} ({type(e).__name__}: {e})") from None
     if not any(streams.values()):
@@ -87,7 +89,8 @@ def output_problem(log, out):
                     return None  # an earlier plot: replaced
         except OSError as e:
             return f"could not read {out} ({e.strerror}); pass -o another file"
-        return f"{out} exists and is not a PNG, so not a plot to replace; pass -o another file, or move it away"
+        return (f"{out} exists and is not a PNG, so not a plot to replace; "
+                "pass -o another file, or move it away")
     return None
 
 
@@ -143,11 +146,13 @@ def make_figure(streams, size=None, tokens_per_step=None, smooth=None, ymax=None
                 if window == 1:  # nothing to smooth: the raw curve, drawn plainly
                     ax.plot(steps, values, color="C0", linewidth=1.5, label="train loss")
                 else:
-                    ax.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8, label="train loss")
+                    ax.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8,
+                            label="train loss")
                     ax.plot(steps, moving_average(values, window), color="C0", linewidth=1.5,
                             label=f"train loss, mean of {window} steps")
             if streams["val"]:
-                ax.plot(*series(streams["val"]), color="C1", marker="." if len(streams["val"]) < 50 else None,
+                ax.plot(*series(streams["val"]), color="C1",
+                        marker="." if len(streams["val"]) < 50 else None,
                         linewidth=1.5, label="val loss")
             for i, (label, other) in enumerate(others):  # averaged train loss, val loss: own colour
                 for k, kind_name in (("train", "train loss, mean"), ("val", "val loss")):
@@ -173,7 +178,8 @@ def make_figure(streams, size=None, tokens_per_step=None, smooth=None, ymax=None
             ax.set_ylabel("loss")
             ax.set_title("Loss")
         else:
-            ax.plot(*series(streams["hella"]), color="C2", marker="." if len(streams["hella"]) < 50 else None,
+            ax.plot(*series(streams["hella"]), color="C2",
+                    marker="." if len(streams["hella"]) < 50 else None,
                     label="ours, acc_norm")
             for i, (label, other) in enumerate(others):
                 if other["hella"]:
@@ -190,8 +196,9 @@ def make_figure(streams, size=None, tokens_per_step=None, smooth=None, ymax=None
         ax.legend()
         if tokens_per_step:
             last = max(max(s, default=0) for s in streams.values())
-            scale, unit = next((s, u) for s, u in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands"),
-                                                   (1, "")) if last * tokens_per_step >= s or s == 1)
+            scale, unit = next((s, u) for s, u in ((1e9, "billions"), (1e6, "millions"),
+                                                   (1e3, "thousands"), (1, ""))
+                               if last * tokens_per_step >= s or s == 1)
             top = ax.secondary_xaxis("top", functions=(lambda x: x * tokens_per_step / scale,
                                                        lambda t: t * scale / tokens_per_step))
             top.set_xlabel(f"tokens seen ({unit})" if unit else "tokens seen")
@@ -203,16 +210,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage block
     parser.add_argument("log", nargs="?", default=os.path.join(HERE, "log", "log.txt"),
-                        help="a log.txt of 7_train_ddp_fineweb.py (default: log/log.txt beside this script)")
-    parser.add_argument("-o", "--out", default=None, help="the PNG to write (default: beside the log, .png)")
+                        help="a log.txt of 7_train_ddp_fineweb.py "
+                             "(default: log/log.txt beside this script)")
+    parser.add_argument("-o", "--out", default=None,
+                        help="the PNG to write (default: beside the log, .png)")
     parser.add_argument("--size", default=None, choices=[*GPT2_HELLA, "none"],
-                        help="the GPT-2 size whose baselines to draw (default: from the log's header)")
+                        help="the GPT-2 size whose baselines to draw "
+                             "(default: from the log's header)")
     parser.add_argument("--ymax", type=float, default=None,
-                        help="top of the loss axis (default: 4.0 once the losses go below 3.6, else all)")
+                        help="top of the loss axis "
+                             "(default: 4.0 once the losses go below 3.6, else all)")
     parser.add_argument("--compare", action="append", default=[], metavar="LOG",
                         help="another log.txt (stage 7's beside stage 8's), on the same plot")
     parser.add_argument("--smooth", type=int, default=None,
-                        help="moving-average window of the train loss in steps (default: 1%% of them)")
+                        help="moving-average window of the train loss in steps "
+                             "(default: 1%% of them)")
     args = parser.parse_args(argv)
     if args.smooth is not None and args.smooth < 1:
         sys.exit(f"error: --smooth {args.smooth}: the window is at least 1 step")
@@ -232,7 +244,8 @@ def main(argv=None):
     elif model:
         size = GPT2_SIZE.get(model[:2])
         if size is None:
-            print(f"n_layer {model[0]} n_embd {model[1]} is none of GPT-2's sizes: no baselines (see --size)")
+            print(f"n_layer {model[0]} n_embd {model[1]} is none of GPT-2's sizes: "
+                  "no baselines (see --size)")
     else:
         size = "124M"  # a log without a `# model:` line: the lecture's run
         print("the log does not record the model size: baselines for 124M (see --size)")
@@ -243,7 +256,8 @@ def main(argv=None):
                              ("hella", "HellaSwag acc_norm", max)):
         if streams[kind]:
             step = pick(streams[kind], key=streams[kind].get)
-            print(f"{'min' if pick is min else 'max'} {name} {streams[kind][step]:.4f} at step {step}")
+            print(f"{'min' if pick is min else 'max'} {name} {streams[kind][step]:.4f} "
+                  f"at step {step}")
 
     others = []
     for path in args.compare:  # each labelled by the script that wrote it (its `# command:` line)

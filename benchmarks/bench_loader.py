@@ -58,14 +58,17 @@ def main():
         return child(args.child[0], args.child[1], args.B, args.T)
     with tempfile.TemporaryDirectory() as d:
         rng = np.random.default_rng(0)
-        np.save(Path(d) / "edufineweb_train_000001.npy", rng.integers(0, 50257, args.tokens, dtype=np.uint16))
-        np.save(Path(d) / "edufineweb_val_000000.npy", rng.integers(0, 50257, 10_000, dtype=np.uint16))
+        np.save(Path(d) / "edufineweb_train_000001.npy",
+                rng.integers(0, 50257, args.tokens, dtype=np.uint16))
+        np.save(Path(d) / "edufineweb_val_000000.npy",
+                rng.integers(0, 50257, 10_000, dtype=np.uint16))
         print(f"shard: {args.tokens:,} uint16 tokens = {args.tokens * 2 / 2**20:.0f} MiB on disk; "
               f"as int64: {args.tokens * 8 / 2**20:.0f} MiB")
         results = []
         for variant in ("uint16, whole (ours)", "whole shard as int64 (lecture)"):
             out = subprocess.run([sys.executable, __file__, "-B", str(args.B), "-T", str(args.T),
-                                  "--child", variant, d], capture_output=True, text=True, check=True)
+                                  "--child", variant, d],
+                                 capture_output=True, text=True, check=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     assert results[0]["checksum"] == results[1]["checksum"]  # both read the same batches
     print("| loader | peak RSS above imports | batches |")

@@ -7,7 +7,7 @@ first step) is there during the second step's forward and backward. Per B it pri
 torch.cuda.max_memory_allocated and max_memory_reserved (the caching allocator's peak: what the
 GPU must hold, plus the CUDA context of ~0.5 GiB outside it), eager and compiled.
 
-    python benchmarks/bench_memory.py                              # CUDA: 124M, T=1024, B=1, 2, 4, ...
+    python benchmarks/bench_memory.py                           # CUDA: 124M, T=1024, B=1, 2, 4, ...
     python benchmarks/bench_memory.py --device cpu --n-layer 2 --n-head 2 --n-embd 32 -T 64
 
 B doubles until the first out-of-memory error (recorded, then the sweep stops), a B whose need,
@@ -49,7 +49,8 @@ class Meter:
             return int(vm["VmHWM"].split()[0]) * 1024, int(vm["VmRSS"].split()[0]) * 1024
         except (OSError, KeyError, ValueError):
             import resource  # POSIX; ru_maxrss is KiB on Linux, bytes on macOS
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                    * (1 if sys.platform == "darwin" else 1024))
             return peak, peak
 
     def start(self):
@@ -66,7 +67,7 @@ class Meter:
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
             except (OSError, AttributeError):
                 pass
-            try:  # Linux: "5" resets the peak (VmHWM) to the current size, so each B gets its own peak
+            try:  # Linux: "5" resets the peak (VmHWM) to the current size: each B gets its own peak
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
                 self.base_rss = self.rss()[1]
@@ -110,10 +111,11 @@ def batches(max_batch, compiled, min_batch=1):
 
 
 def sweep(mode, args, device, device_type, dtype, limit, t_start):
-    """One model and optimizer per mode; a row per B, printed at once (a kill keeps the rows so far)."""
+    """One model and optimizer per mode; a row per B, printed at once (a kill keeps the rows
+    so far)."""
     compiled = mode == "compile"
-    config = stage5.GPTConfig(vocab_size=50304, block_size=max(1024, args.seq_len), n_layer=args.n_layer,
-                              n_head=args.n_head, n_embd=args.n_embd)
+    config = stage5.GPTConfig(vocab_size=50304, block_size=max(1024, args.seq_len),
+                              n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     torch.manual_seed(0)
     model = stage5.GPT(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
@@ -125,10 +127,12 @@ def sweep(mode, args, device, device_type, dtype, limit, t_start):
         if stopped and B != 1:  # compiled, B=1 comes last and is still measured after a stop
             continue
         if args.deadline_s and time.time() - t_start > args.deadline_s:
-            print(f"stop {mode}: B={B} not tried, past --deadline-s {args.deadline_s:.0f}", flush=True)
+            print(f"stop {mode}: B={B} not tried, past --deadline-s {args.deadline_s:.0f}",
+                  flush=True)
             break
         grow = [r for r in rows if r[0] >= 2]
-        if limit and len(grow) >= 2 and B > grow[-1][0]:  # peak(B) grows about linearly: extrapolate
+        # peak(B) grows about linearly: extrapolate
+        if limit and len(grow) >= 2 and B > grow[-1][0]:
             (b1, r1), (b2, r2) = (grow[-2][0], grow[-2][2]), (grow[-1][0], grow[-1][2])
             predicted = r2 + (r2 - r1) / (b2 - b1) * (B - b2)
             if predicted > limit:
@@ -145,16 +149,18 @@ def sweep(mode, args, device, device_type, dtype, limit, t_start):
         meter.start()
         try:
             t0 = time.time()
-            train_step(step_model, model, optimizer, x, y, device_type, dtype, meter, args.micro_steps)
+            train_step(step_model, model, optimizer, x, y, device_type, dtype, meter,
+                       args.micro_steps)
             t1 = time.time()
-            train_step(step_model, model, optimizer, x, y, device_type, dtype, meter, args.micro_steps)
+            train_step(step_model, model, optimizer, x, y, device_type, dtype, meter,
+                       args.micro_steps)
             t2 = time.time()
         except torch.OutOfMemoryError as e:
             print(f"OOM {mode}: B={B}: {str(e).splitlines()[0][:160]}", flush=True)
             stopped = True
         except Exception as e:  # a compiler error, say: the rows so far stand
-            print(f"error {mode}: B={B}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
-                  flush=True)
+            print(f"error {mode}: B={B}: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160] if str(e) else ''}", flush=True)
             stopped = True
         if stopped:
             optimizer.zero_grad(set_to_none=True)
@@ -163,8 +169,8 @@ def sweep(mode, args, device, device_type, dtype, limit, t_start):
             continue
         allocated, reserved = meter.peak()
         rows.append((B, allocated, reserved))
-        print(f"| {mode} | {B} | {allocated / GIB:.3f} | {reserved / GIB:.3f} | {t1 - t0:.1f} | {t2 - t1:.3f} |",
-              flush=True)
+        print(f"| {mode} | {B} | {allocated / GIB:.3f} | {reserved / GIB:.3f} | "
+              f"{t1 - t0:.1f} | {t2 - t1:.3f} |", flush=True)
     del step_model, model, optimizer
     gc.collect()
     if device_type == "cuda":
@@ -181,43 +187,53 @@ def main(argv=None):
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)
-    parser.add_argument("--max-batch", type=int, default=512, help="524,288 / 1024: the largest -B the full run takes")
+    parser.add_argument("--max-batch", type=int, default=512,
+                        help="524,288 / 1024: the largest -B the full run takes")
     parser.add_argument("--min-batch", type=int, default=1,
                         help="the smallest -B tried (B=1 compiled is a compilation of its own)")
-    parser.add_argument("--modes", default=None, help="eager,compile (default on CUDA; eager elsewhere)")
-    parser.add_argument("--micro-steps", type=int, default=2, help="accumulated per optimisation step")
+    parser.add_argument("--modes", default=None,
+                        help="eager,compile (default on CUDA; eager elsewhere)")
+    parser.add_argument("--micro-steps", type=int, default=2,
+                        help="accumulated per optimisation step")
     parser.add_argument("--memory-fraction", type=float, default=0.95,
-                        help="the most of the GPU's memory the sweep may take (the rest stays free)")
-    parser.add_argument("--deadline-s", type=float, default=None, help="try no new B after this many seconds")
+                        help="the most of the GPU's memory the sweep may take "
+                             "(the rest stays free)")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="try no new B after this many seconds")
     args = parser.parse_args(argv)
     t_start = time.time()
     device = stage5.pick_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else device
     modes = (args.modes or ("eager,compile" if device_type == "cuda" else "eager")).split(",")
-    dtype = torch.bfloat16 if stage5.native_bf16(device_type) else torch.float16 if device_type != "cpu" \
-        else torch.float32
+    dtype = (torch.bfloat16 if stage5.native_bf16(device_type)
+             else torch.float16 if device_type != "cpu" else torch.float32)
     torch.set_float32_matmul_precision("high")
     limit = None
     if device_type == "cuda":
-        name, total = torch.cuda.get_device_name(), torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.memory_fraction)  # beyond it: an OOM error, not a full GPU
+        name, total = (torch.cuda.get_device_name(),
+                       torch.cuda.get_device_properties(device).total_memory)
+        # beyond it: an OOM error, not a full GPU
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
         limit = args.memory_fraction * total
         torch.zeros(1, device=device)  # create the CUDA context
         free, _ = torch.cuda.mem_get_info()
-        print(f"device: {name} | total {total / GIB:.2f} GiB | in use before the sweep (CUDA context, "
-              f"other processes) {(total - free) / GIB:.2f} GiB")
+        print(f"device: {name} | total {total / GIB:.2f} GiB | in use before the sweep "
+              f"(CUDA context, other processes) {(total - free) / GIB:.2f} GiB")
         columns = "peak allocated GiB | peak reserved GiB"
     elif device_type == "mps":
-        limit = args.memory_fraction * torch.mps.recommended_max_memory()  # beyond it macOS swaps, or fails
+        # beyond it macOS swaps, or fails
+        limit = args.memory_fraction * torch.mps.recommended_max_memory()
         print(f"device: mps (Apple GPU; unified memory, {limit / GIB:.1f} GiB for the sweep)")
         columns = "most allocated GiB | most driver-allocated GiB"
     else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+        total = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                 if hasattr(os, "sysconf") else None)
         limit = 0.5 * total if total else None
         print(f"device: cpu | RAM {total / GIB:.2f} GiB" if total else "device: cpu")
         columns = "peak RSS above start GiB | peak RSS GiB"
-    print(f"model: n_layer {args.n_layer} n_head {args.n_head} n_embd {args.n_embd}, vocab 50304 | T {args.seq_len} | "
-          f"autocast {str(dtype)[6:]} | {args.micro_steps} micro-steps per step | AdamW"
+    print(f"model: n_layer {args.n_layer} n_head {args.n_head} n_embd {args.n_embd}, "
+          f"vocab 50304 | T {args.seq_len} | autocast {str(dtype)[6:]} | "
+          f"{args.micro_steps} micro-steps per step | AdamW"
           f"{' (fused)' if device_type == 'cuda' else ''} | modes {','.join(modes)}")
     print(f"| mode | B | {columns} | first step s | second step s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
@@ -225,8 +241,8 @@ def main(argv=None):
         sweep(mode, args, device, device_type, dtype, limit, t_start)
     if device_type == "cuda":
         free, total = torch.cuda.mem_get_info()
-        print(f"context: {(total - free - torch.cuda.memory_reserved()) / GIB:.2f} GiB in use outside PyTorch's "
-              "caching allocator (CUDA context, cuBLAS/cuDNN, other processes)")
+        print(f"context: {(total - free - torch.cuda.memory_reserved()) / GIB:.2f} GiB in use "
+              "outside PyTorch's caching allocator (CUDA context, cuBLAS/cuDNN, other processes)")
     print(f"done in {time.time() - t_start:.0f} s")
 
 

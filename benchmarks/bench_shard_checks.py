@@ -70,7 +70,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=10, help="train shards to make")
     parser.add_argument("--tokens", type=int, default=100_000_000, help="tokens per shard")
-    parser.add_argument("--sparse", type=int, default=0, help="time the start-up on N sparse shards")
+    parser.add_argument("--sparse", type=int, default=0,
+                        help="time the start-up on N sparse shards")
     parser.add_argument("--dir", help="where to make them (default: a temporary folder)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -82,7 +83,8 @@ def main():
         for i in range(args.shards):
             paths.append(os.path.join(d, f"edufineweb_train_{i + 1:06d}.npy"))
             np.save(paths[-1], rng.integers(0, 50257, args.tokens, dtype=np.uint16))
-        print(f"{args.shards} shards of {args.tokens:,} tokens ({args.tokens * 2 / 1e6:.0f} MB each)")
+        print(f"{args.shards} shards of {args.tokens:,} tokens "
+              f"({args.tokens * 2 / 1e6:.0f} MB each)")
         checked = paths
         if args.sparse:
             checked, ends = [], 1 << 19  # the first and last MiB hold tokens, the rest is a hole
@@ -96,7 +98,8 @@ def main():
             print(f"start-up check on {args.sparse} sparse shards of that size")
         print("| start-up check of every shard | cold | warm | per 100 shards, cold |")
         print("| --- | ---: | ---: | ---: |")
-        for name, digest in (("header and size (before)", False), ("+ digest of first and last MiB", True)):
+        for name, digest in (("header and size (before)", False),
+                             ("+ digest of first and last MiB", True)):
             drop_cache(checked)
             cold = start_up(checked, digest)
             warm = start_up(checked, digest)
@@ -106,11 +109,11 @@ def main():
         for variant in ("memory map + max (before)", "read whole + max (now)"):
             runs = {}
             for cache in ("cold", "warm"):
-                out = subprocess.run([sys.executable, __file__, "--child", variant, paths[0], cache],
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run([sys.executable, __file__, "--child", variant, paths[0],
+                                      cache], capture_output=True, text=True, check=True)
                 runs[cache] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {variant} | {runs['cold']['seconds']:.2f} s | {runs['warm']['seconds']:.2f} s | "
-                  f"{runs['warm']['peak_mib']:.0f} MiB |")
+            print(f"| {variant} | {runs['cold']['seconds']:.2f} s | "
+                  f"{runs['warm']['seconds']:.2f} s | {runs['warm']['peak_mib']:.0f} MiB |")
 
 
 if __name__ == "__main__":

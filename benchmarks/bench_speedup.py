@@ -37,7 +37,8 @@ stage5 = importlib.import_module("5_train_speedup")
 stage6 = importlib.import_module("6_train_hyperparams")
 
 
-def make_variant(name, module, vocab, tf32, bf16, compile_, recipe, device, device_type, size, half):
+def make_variant(name, module, vocab, tf32, bf16, compile_, recipe, device, device_type, size,
+                 half):
     torch.manual_seed(1337)
     model = module.GPT(module.GPTConfig(vocab_size=vocab, **size)).to(device)
     if recipe:
@@ -56,12 +57,13 @@ def make_variant(name, module, vocab, tf32, bf16, compile_, recipe, device, devi
             for group in optimizer.param_groups:
                 group["lr"] = stage6.get_lr(it, 6e-4, 10, 50)
         optimizer.step()
-        optimizer.zero_grad()  # frees the gradients: 7 resident variants keep only weights and AdamW state
+        # frees the gradients: 7 resident variants keep only weights and AdamW state
+        optimizer.zero_grad()
         getattr(torch, device_type).synchronize()  # as stage 5 does: time the GPU, not the queue
         return loss.item()
 
-    return {"name": name, "step": step, "model": model, "bf16": bf16, "tf32": tf32, "compiled": compile_,
-            "times": []}
+    return {"name": name, "step": step, "model": model, "bf16": bf16, "tf32": tf32,
+            "compiled": compile_, "times": []}
 
 
 def expected_warmup(variants, compiled, compile_guess_s):
@@ -82,7 +84,8 @@ def main(argv=None):
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 peak, for MFU")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's bf16 peak, for MFU")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="start no warm-up that would end after this many seconds (a compiled "
                         "one is expected to take as long as the last compiled one, or "
@@ -96,7 +99,8 @@ def main(argv=None):
     B, T = args.batch_size, args.seq_len
     gpu = device_type == "cuda"
     size = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    half = torch.bfloat16 if device_type == "cpu" or stage5.native_bf16(device_type) else torch.float16
+    half = (torch.bfloat16 if device_type == "cpu" or stage5.native_bf16(device_type)
+            else torch.float16)
     hp = "bf16" if half == torch.bfloat16 else "fp16"
     specs = [  # name, module, vocab, tf32, bf16, compile, recipe
         ("4_ fp32 eager", stage4, 50257, False, False, False, False),
@@ -107,13 +111,15 @@ def main(argv=None):
         ("+ vocab 50304 (= 5_)", stage5, 50304, True, True, True, False),
         ("6_ recipe" + (", fused AdamW" if gpu else ""), stage6, 50304, True, True, True, True),
     ]
-    if not gpu:  # TF32 exists on NVIDIA tensor cores only; 5_'s CPU default is not to compile, and bf16
-        specs = [s for s in specs if s[0] != "+ TF32"]  # only where the CPU computes it (native_bf16)
+    # TF32 exists on NVIDIA tensor cores only; 5_'s CPU default is not to compile, and bf16 only
+    # where the CPU computes it (native_bf16)
+    if not gpu:
+        specs = [s for s in specs if s[0] != "+ TF32"]
         native = stage5.native_bf16("cpu")
-        specs.append((f"5_ bf16, no compile{' (= its default here)' if native else ''}", stage5, 50304, True, True,
-                      False, False))
-        specs.append((f"5_ float32, no compile{'' if native else ' (= its default here)'}", stage5, 50304, True, False,
-                      False, False))
+        specs.append((f"5_ bf16, no compile{' (= its default here)' if native else ''}", stage5,
+                      50304, True, True, False, False))
+        specs.append((f"5_ float32, no compile{'' if native else ' (= its default here)'}",
+                      stage5, 50304, True, False, False, False))
     if args.skip_compile:
         specs = [s[:5] + (False,) + s[6:] for s in specs if s[0] != "+ torch.compile"]
     g = torch.Generator().manual_seed(0)
@@ -154,15 +160,18 @@ def main(argv=None):
     for v in variants:
         dt = statistics.median(v["times"])
         row = f"| {v['name']} | {dt * 1000:.1f} | {B * T / dt:,.0f} | {base / dt:.2f}x |"
-        if peak:  # against the bf16 (fp16) or TF32 tensor-core peak; plain fp32 has none in the table
+        # against the bf16 (fp16) or TF32 tensor-core peak; plain fp32 has none in the table
+        if peak:
             p = peak if v["bf16"] else peak_tf32 if v["tf32"] else None
-            row += f" {100 * flops_per_token(v['model'].config, T) * B * T / dt / (p * 1e12):.1f}% |" if p else " - |"
+            row += (f" {100 * flops_per_token(v['model'].config, T) * B * T / dt / (p * 1e12):.1f}"
+                    "% |" if p else " - |")
         # compilation: what the warm-up took beyond its steps' own time (first-call costs included)
         compile_s = max(0.0, v["warmup_s"] - args.warmup * dt)
         print(row + (f" {compile_s:.1f} |" if v["compiled"] else " - |"))
     if gpu:  # what the side-by-side variants took together
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
-              f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved ({len(variants)} variants resident)")
+              f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved "
+              f"({len(variants)} variants resident)")
 
 
 if __name__ == "__main__":

@@ -26,13 +26,15 @@ def main(argv=None):
     try:
         enc = tiktoken.get_encoding("gpt2")
     except OSError as e:
-        sys.exit(f"error: could not get GPT-2's BPE files ({type(e).__name__}); set TIKTOKEN_CACHE_DIR")
+        sys.exit(f"error: could not get GPT-2's BPE files ({type(e).__name__}); "
+                 "set TIKTOKEN_CACHE_DIR")
     text = (ROOT / "input.txt").read_text(encoding="utf-8")
     tokens = np.array([enc.eot_token] + enc.encode(text), dtype=np.uint16)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for index, size in enumerate([args.val_size] + [args.shard_size] * args.train_shards):
-        shard = np.resize(np.roll(tokens, -index * 997), size)  # repeated, each shard from another offset
+        # repeated, each shard from another offset
+        shard = np.resize(np.roll(tokens, -index * 997), size)
         np.save(out / f"edufineweb_{'val' if index == 0 else 'train'}_{index:06d}.npy", shard)
     print(f"wrote {1 + args.train_shards} shards to {out}")
 
