@@ -1,6 +1,7 @@
 """How big is each stage's diff? Changed lines (added + removed) between adjacent numbered scripts,
 module docstrings left out (they describe the stage and differ in every file), as
-`git diff --no-index --numstat` counts them, next to the lecture's own commits at the same boundaries.
+`git diff --no-index --numstat` counts them, next to the lecture's own commits at the same
+boundaries.
 
     python benchmarks/stage_diffs.py
 """
@@ -12,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LECTURE = [71, 42, 47, 23, 26, 83, 328, None]  # build-nanogpt's commits at the same stage boundaries
+LECTURE = [71, 42, 47, 23, 26, 83, 328, None]  # build-nanogpt's commits at the same boundaries
 # (7->8 is beyond the lecture: it has no commit there)
 
 
@@ -52,7 +53,8 @@ def main():
     for (a, b, n), lecture in zip(rows, LECTURE):
         print(f"| {a[0]}->{b[0]} | {n} | {'-' if lecture is None else lecture} |")
     lecture = [n for n in LECTURE if n is not None]
-    print(f"| median | {statistics.median(n for *_, n in rows):g} | {statistics.median(lecture):g} |")
+    ours = statistics.median(n for *_, n in rows)
+    print(f"| median | {ours:g} | {statistics.median(lecture):g} |")
 
 
 if __name__ == "__main__":
