@@ -186,8 +186,7 @@ def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head != 0:  # every head gets n_embd // n_head of the channels
-        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; "
-                 "pass one that is")
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
 
     torch.manual_seed(args.seed)
     model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))

@@ -185,8 +185,7 @@ def load_tokens(path):
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:  # not there, a folder, unreadable; Latin-1 or binary
-        reason = getattr(e, "strerror", None) or "not UTF-8 text"
-        sys.exit(f"error: {path}: {reason}; pass --input FILE, UTF-8 text")
+        sys.exit(f"error: {path}: {getattr(e, 'strerror', 0) or 'not UTF-8 text'}; pass UTF-8 text")
     return torch.tensor(gpt2_tokenizer().encode(text, allowed_special="all"), dtype=torch.long)
 
 
@@ -298,14 +297,12 @@ def main(argv=None):
     device = pick_device(args.device)
     B, T = args.batch_size, args.seq_len
     if args.n_embd % args.n_head != 0:  # every head gets n_embd // n_head of the channels
-        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; "
-                 "pass one that is")
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
     print(f"using device: {device}")
     torch.manual_seed(args.seed)
     tokens = load_tokens(args.input)
     if len(tokens) < B * T + 1:
-        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}; "
-                 "pass a longer one")
+        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}")
     train_loader = DataLoaderLite(tokens, B, T)
 
     model = GPT(config)

@@ -185,8 +185,7 @@ def load_tokens(path):
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:  # not there, a folder, unreadable; Latin-1 or binary
-        reason = getattr(e, "strerror", None) or "not UTF-8 text"
-        sys.exit(f"error: {path}: {reason}; pass --input FILE, UTF-8 text")
+        sys.exit(f"error: {path}: {getattr(e, 'strerror', 0) or 'not UTF-8 text'}; pass UTF-8 text")
     return torch.tensor(gpt2_tokenizer().encode(text, allowed_special="all"), dtype=torch.long)
 
 
@@ -309,17 +308,16 @@ def make_parser():
                         help="torch.compile the model (default: on for CUDA, off elsewhere)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 where native, else float16 (GPU) or float32 (CPU)")
-    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None,
-                        help="the GPU's peak, for mfu")
+    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), help="GPU peak, for mfu")
     return parser
 
 
 def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
+    config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 new rows are never targets
-    config = GPTConfig(vocab_size=50304,
-                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    config.vocab_size = 50304
     device = pick_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
     if device_type == "cpu":  # the lecture's values are for a GPU: a CPU step would take minutes
@@ -327,23 +325,19 @@ def main(argv=None):
         args = parser.parse_args(argv)
     B, T = args.batch_size, args.seq_len
     if args.n_embd % args.n_head != 0:  # every head gets n_embd // n_head of the channels
-        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; "
-                 "pass one that is")
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
     print(f"using device: {device}")
     torch.manual_seed(args.seed)
     tokens = load_tokens(args.input)
     if len(tokens) < B * T + 1:
-        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}; "
-                 "pass a longer one")
+        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}")
     train_loader = DataLoaderLite(tokens, B, T)
 
-    # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
-    # FLOP/s on an A100); activations and weights stay fp32 in memory
+    # TF32: fp32 matmuls on tensor cores, 10-bit mantissa (Ampere+: ~8x fp32 FLOP/s on an A100)
     torch.set_float32_matmul_precision("high")
     # bf16 where the chip computes it, else fp16 + grad scaler on a GPU (T4, V100), float32 on a CPU
-    default = ("bfloat16" if native_bf16(device_type)
-               else "float32" if device_type == "cpu" else "float16")
-    dtype = getattr(torch, args.dtype or default)
+    default = "float32" if device_type == "cpu" else "float16"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if native_bf16(device_type) else default))
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler"}.get(dtype, "off (float32)")
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     # inductor writes Triton kernels for a GPU (no Triton for Windows in PyTorch), C++ for a CPU
@@ -358,8 +352,7 @@ def main(argv=None):
     model = GPT(config)
     model.to(device)
     raw_model = model  # sampling's growing lengths would make a compiled model recompile
-    if use_compile:
-        model = torch.compile(model)  # fuses elementwise ops: fewer trips to GPU memory
+    model = torch.compile(model) if use_compile else model  # fewer trips to GPU memory
     # MFU as nanoGPT reports it (the lecture prints tok/s): FLOPs per step / dt / GPU peak. 6 per
     # weight and token (fwd + bwd) + attention's 12*n_layer*n_embd*T (PaLM, app. B); wpe: a lookup
     n_params = sum(p.numel() for p in raw_model.parameters()) - config.block_size * config.n_embd
@@ -368,8 +361,7 @@ def main(argv=None):
            if device_type == "cuda" and dtype != torch.float32 else "")
     peak = args.peak_tflops or next((t for name, t in PEAK_TFLOPS.items() if name in gpu), None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    # fp16 keeps 5 exponent bits (bf16 keeps fp32's 8): gradients below ~6e-8 flush to 0. The scaler
-    # multiplies the loss, so every gradient, by a large factor and divides it out before the update
+    # fp16's 5 exponent bits flush gradients below ~6e-8 to 0: the scaler multiplies the loss first
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     losses = []
     try:  # out of memory anywhere in a step (forward, backward, AdamW's state at its first step)
@@ -385,8 +377,7 @@ def main(argv=None):
             scale = scaler.get_scale()
             scaler.step(optimizer)  # fp16: skipped if any gradient is inf/nan (scale too big)
             scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
-            # torch.cuda (.mps, .cpu).synchronize(): wait for queued GPU work, or dt stops too early
-            getattr(torch, device_type).synchronize()
+            getattr(torch, device_type).synchronize()  # wait for the queued work, or dt ends early
             dt = time.time() - t0
             losses.append(loss.item())  # .item() waits for the device and moves the loss to the CPU
             line = (f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f}"

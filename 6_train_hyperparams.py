@@ -143,21 +143,17 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, log=print):
-        # decay the 2-D tensors (matmul weights, embeddings); biases and LayerNorm gains are
-        # few and shifting/scaling, so pulling them toward 0 only hurts (GPT-3: wd 0.1)
-        params = [p for p in self.parameters() if p.requires_grad]  # tied wte/lm_head: once
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        n_decay, n_no_decay = sum(p.numel() for p in decay), sum(p.numel() for p in no_decay)
+        # decay matmul weights and embeddings (GPT-3: 0.1); biases and gains only shift and scale
+        decay = [p for p in self.parameters() if p.dim() >= 2]  # the tied wte/lm_head once
+        rest = [p for p in self.parameters() if p.dim() < 2]
+        n_decay, n_rest = sum(p.numel() for p in decay), sum(p.numel() for p in rest)
         log(f"decayed parameter tensors: {len(decay)}, with {n_decay:,} parameters")
-        log(f"non-decayed parameter tensors: {len(no_decay)}, with {n_no_decay:,} parameters")
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        log(f"non-decayed parameter tensors: {len(rest)}, with {n_rest:,} parameters")
+        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0)]
         # fused: one kernel updates all parameters, instead of a loop of small kernels per tensor
-        use_fused = device_type == "cuda"
-        log(f"using fused AdamW: {use_fused}")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                 fused=use_fused)
+        fused = device_type == "cuda"
+        log(f"using fused AdamW: {fused}")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
@@ -202,8 +198,7 @@ def load_tokens(path):
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:  # not there, a folder, unreadable; Latin-1 or binary
-        reason = getattr(e, "strerror", None) or "not UTF-8 text"
-        sys.exit(f"error: {path}: {reason}; pass --input FILE, UTF-8 text")
+        sys.exit(f"error: {path}: {getattr(e, 'strerror', 0) or 'not UTF-8 text'}; pass UTF-8 text")
     return torch.tensor(gpt2_tokenizer().encode(text, allowed_special="all"), dtype=torch.long)
 
 
@@ -250,9 +245,8 @@ def native_bf16(device_type):
 
 
 def get_lr(step, max_lr, warmup_steps, max_steps):
-    """The lecture's (GPT-3 paper, appendix B): linear warmup to max_lr, cosine decay to 10% of it.
-    As in its code, the peak lasts two steps (decay_ratio is 0 at warmup_steps) and the last step
-    ends just above min_lr."""
+    """GPT-3's (appendix B), as in the lecture: linear warmup to max_lr, cosine decay to 10% of
+    it; the peak lasts two steps (decay_ratio is 0 at warmup_steps), the last ends above min_lr."""
     min_lr = max_lr * 0.1
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps  # step 0 already takes a small step
@@ -262,13 +256,12 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
 
 
-def divergence_error(step, loss, norm, resume=lambda: ""):
+def divergence_error(step, loss, norm, fp16=False, resume=lambda: ""):
     """The error line (ending in resume(), made only then) when the loss or gradient norm is nan or
-    inf (the run diverged), else None. Under float16, norm is 0: the scaler skips inf gradients."""
-    if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before nan reaches the weights
-        return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and "
-                "stopped before the optimizer step; start again with a lower --max-lr or a "
-                f"longer --warmup-steps{resume()}")
+    inf (the run diverged), else None. Under float16 an inf norm is the scaler's to skip."""
+    if not (math.isfinite(loss) and (fp16 or math.isfinite(norm))):  # before nan is in the weights
+        return (f"error: step {step}: loss {loss}, gradient norm {norm}: diverged; stopped before "
+                f"the optimizer step; try a lower --max-lr or a longer --warmup-steps{resume()}")
     return None
 
 
@@ -349,8 +342,7 @@ def make_parser():
                         help="torch.compile the model (default: on for CUDA, off elsewhere)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 where native, else float16 (GPU) or float32 (CPU)")
-    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None,
-                        help="the GPU's peak, for mfu")
+    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), help="GPU peak, for mfu")
     parser.add_argument("--total-batch-size", type=flag_range(1), default=524288,
                         help="tokens per step (4*B*T on CPU)")
     parser.add_argument("--max-lr", type=flag_range(0, kind=float), default=6e-4)  # GPT-3 125M
@@ -361,9 +353,9 @@ def make_parser():
 def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
+    config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 new rows are never targets
-    config = GPTConfig(vocab_size=50304,
-                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    config.vocab_size = 50304
     device = pick_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else device  # autocast etc. want the type
     if device_type == "cpu":  # the lecture's values are for a GPU: a CPU step would take minutes
@@ -371,8 +363,7 @@ def main(argv=None):
         args = parser.parse_args(argv)
     B, T = args.batch_size, args.seq_len
     if args.n_embd % args.n_head != 0:  # every head gets n_embd // n_head of the channels
-        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; "
-                 "pass one that is")
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
     total_batch_size = args.total_batch_size or 4 * B * T  # CPU: 4 micro-steps
     if total_batch_size < 1 or total_batch_size % (B * T) != 0:
         sys.exit(f"error: --total-batch-size {total_batch_size} is not a positive multiple of "
@@ -384,17 +375,14 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     tokens = load_tokens(args.input)
     if len(tokens) < B * T + 1:
-        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}; "
-                 "pass a longer one")
+        sys.exit(f"error: {args.input} has {len(tokens)} tokens, fewer than B*T+1 = {B * T + 1}")
     train_loader = DataLoaderLite(tokens, B, T)
 
-    # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
-    # FLOP/s on an A100); activations and weights stay fp32 in memory
+    # TF32: fp32 matmuls on tensor cores, 10-bit mantissa (Ampere+: ~8x fp32 FLOP/s on an A100)
     torch.set_float32_matmul_precision("high")
     # bf16 where the chip computes it, else fp16 + grad scaler on a GPU (T4, V100), float32 on a CPU
-    default = ("bfloat16" if native_bf16(device_type)
-               else "float32" if device_type == "cpu" else "float16")
-    dtype = getattr(torch, args.dtype or default)
+    default = "float32" if device_type == "cpu" else "float16"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if native_bf16(device_type) else default))
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler"}.get(dtype, "off (float32)")
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     # inductor writes Triton kernels for a GPU (no Triton for Windows in PyTorch), C++ for a CPU
@@ -409,8 +397,7 @@ def main(argv=None):
     model = GPT(config)
     model.to(device)
     raw_model = model  # sampling's growing lengths would make a compiled model recompile
-    if use_compile:
-        model = torch.compile(model)  # fuses elementwise ops: fewer trips to GPU memory
+    model = torch.compile(model) if use_compile else model  # fewer trips to GPU memory
     # MFU as nanoGPT reports it (the lecture prints tok/s): FLOPs per step / dt / GPU peak. 6 per
     # weight and token (fwd + bwd) + attention's 12*n_layer*n_embd*T (PaLM, app. B); wpe: a lookup
     n_params = sum(p.numel() for p in raw_model.parameters()) - config.block_size * config.n_embd
@@ -420,8 +407,7 @@ def main(argv=None):
     peak = args.peak_tflops or next((t for name, t in PEAK_TFLOPS.items() if name in gpu), None)
     optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr,
                                                device_type=device_type)
-    # fp16 keeps 5 exponent bits (bf16 keeps fp32's 8): gradients below ~6e-8 flush to 0. The scaler
-    # multiplies the loss, so every gradient, by a large factor and divides it out before the update
+    # fp16's 5 exponent bits flush gradients below ~6e-8 to 0: the scaler multiplies the loss first
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     losses = []
     try:  # out of memory anywhere in a step (forward, backward, AdamW's state at its first step)
@@ -442,8 +428,7 @@ def main(argv=None):
             scaler.unscale_(optimizer)  # float16: clip the true gradients, not the scaled ones
             # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            error = divergence_error(step, loss_accum.item(),
-                                     0.0 if scaler.is_enabled() else norm.item())
+            error = divergence_error(step, loss_accum.item(), norm.item(), scaler.is_enabled())
             if error:
                 sys.exit(error)
             lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
@@ -452,8 +437,7 @@ def main(argv=None):
             scale = scaler.get_scale()
             scaler.step(optimizer)  # fp16: skipped if any gradient is inf/nan (scale too big)
             scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
-            # torch.cuda (.mps, .cpu).synchronize(): wait for queued GPU work, or dt stops too early
-            getattr(torch, device_type).synchronize()
+            getattr(torch, device_type).synchronize()  # wait for the queued work, or dt ends early
             dt = time.time() - t0
             losses.append(loss_accum.item())  # .item() waits for the device, copies the loss to CPU
             line = (f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f}"
@@ -463,8 +447,7 @@ def main(argv=None):
             line += f" | lr {lr:.4e} | norm {norm:.4f}"
             print(line + (" | skipped 1" if scaler.get_scale() < scale else ""))
     except RuntimeError as e:  # out of memory: a GPU's torch.OutOfMemoryError, a CPU's RuntimeError
-        hint = (f"try -B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1
-                else "try a smaller -T")
+        hint = f"try -B {B // 2} (same --total-batch-size: same run)" if B > 1 else "try -T smaller"
         oom = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
         raise SystemExit(f"error: out of memory at -B {B} -T {T} on {device}; {hint}") if oom else e
 

@@ -59,11 +59,12 @@ try: from torch.utils._triton import has_triton  # private: a torch without it h
 except ImportError: has_triton = lambda: False  # so a GPU runs eager, and says so
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from hellaswag import HellaSwagError, evaluate, iterate_examples
+from hellaswag import evaluate, examples_for_run
 from checkpoints import (RESUME_MAY_CHANGE, checkpoint_state, load_checkpoint, restore, resume_hint,
                          run_record, save_checkpoint)
-from longrun import (Log, ShardError, StopSignals, close_run, exit_status, init_process_group,
-                     lost_rank, note_skipped_tokens, open_log_dir, shard_identity, stop_all_on)
+from longrun import (Log, ShardError, StopSignals, check_tokens, close_run, exit_status,
+                     init_process_group, lost_rank, note_skipped_tokens, open_log_dir,
+                     shard_identity, stop_all_on)
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -177,21 +178,17 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, log=print):
-        # decay the 2-D tensors (matmul weights, embeddings); biases and LayerNorm gains are
-        # few and shifting/scaling, so pulling them toward 0 only hurts (GPT-3: wd 0.1)
-        params = [p for p in self.parameters() if p.requires_grad]  # tied wte/lm_head: once
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        n_decay, n_no_decay = sum(p.numel() for p in decay), sum(p.numel() for p in no_decay)
+        # decay matmul weights and embeddings (GPT-3: 0.1); biases and gains only shift and scale
+        decay = [p for p in self.parameters() if p.dim() >= 2]  # the tied wte/lm_head once
+        rest = [p for p in self.parameters() if p.dim() < 2]
+        n_decay, n_rest = sum(p.numel() for p in decay), sum(p.numel() for p in rest)
         log(f"decayed parameter tensors: {len(decay)}, with {n_decay:,} parameters")
-        log(f"non-decayed parameter tensors: {len(no_decay)}, with {n_no_decay:,} parameters")
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        log(f"non-decayed parameter tensors: {len(rest)}, with {n_rest:,} parameters")
+        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0)]
         # fused: one kernel updates all parameters, instead of a loop of small kernels per tensor
-        use_fused = device_type == "cuda"
-        log(f"using fused AdamW: {use_fused}")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                 fused=use_fused)
+        fused = device_type == "cuda"
+        log(f"using fused AdamW: {fused}")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
@@ -238,12 +235,7 @@ def load_tokens(path, whole=False):
     except (OSError, ValueError, EOFError) as e:  # empty, cut short, not .npy
         reason = str(e).split(".")[0].split(" when")[0]  # numpy 1.x adds " when allow_pickle..."
         raise ShardError(f"{path} is not a shard fineweb.py wrote ({reason})") from None
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise ShardError(f"{path} holds {tokens.dtype} {tokens.shape}, "
-                         "not the 1-D uint16 tokens fineweb.py writes")
-    if whole and len(tokens) and tokens.max() >= 50257:  # one pass, each time a shard is opened
-        raise ShardError(f"{path} holds token id {tokens.max()}; GPT-2's ids are below 50257")
-    return tokens
+    return check_tokens(path, tokens, whole)  # 1-D uint16, GPT-2's ids (longrun.py)
 
 
 class DataLoaderLite:
@@ -266,9 +258,8 @@ class DataLoaderLite:
         self.sizes = {os.path.basename(p): shard_identity(p, load_tokens(p)) for p in self.shards}
         need = (self.step_tokens if self.shuffle else T) + 1  # a step (val: a row) and a target
         if max(n for n, _ in self.sizes.values()) < need:
-            what = (f"one step's {need} tokens" if self.shuffle
-                    else f"one row of -T {T} plus a target")
-            raise ShardError(f"every {split} shard in {data_dir} is shorter than {what}")
+            raise ShardError(f"every {split} shard in {data_dir} is shorter than " + (
+                f"one step's {need} tokens" if self.shuffle else f"a row of -T {T} plus a target"))
         if self.shuffle and rank == 0:  # a step never spans two shards: say if that skips much
             note_skipped_tokens([n for n, _ in self.sizes.values()], self.step_tokens)
         self.reset()
@@ -283,8 +274,7 @@ class DataLoaderLite:
 
     def state_dict(self):  # the shards too: a resumed run reads the very same ones
         shards = [[name, *self.sizes[name]] for name in map(os.path.basename, self.shards)]
-        return {"epoch": self.epoch, "shard": self.shard, "position": self.position,
-                "shards": shards}
+        return dict(epoch=self.epoch, shard=self.shard, position=self.position, shards=shards)
 
     def load_state_dict(self, state):
         self.epoch, self.shard, self.position = state["epoch"], state["shard"], state["position"]
@@ -333,9 +323,8 @@ def native_bf16(device_type):
 
 
 def get_lr(step, max_lr, warmup_steps, max_steps):
-    """The lecture's (GPT-3 paper, appendix B): linear warmup to max_lr, cosine decay to 10% of it.
-    As in its code, the peak lasts two steps (decay_ratio is 0 at warmup_steps) and the last step
-    ends just above min_lr."""
+    """GPT-3's (appendix B), as in the lecture: linear warmup to max_lr, cosine decay to 10% of
+    it; the peak lasts two steps (decay_ratio is 0 at warmup_steps), the last ends above min_lr."""
     min_lr = max_lr * 0.1
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps  # step 0 already takes a small step
@@ -345,13 +334,12 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
 
 
-def divergence_error(step, loss, norm, resume=lambda: ""):
+def divergence_error(step, loss, norm, fp16=False, resume=lambda: ""):
     """The error line (ending in resume(), made only then) when the loss or gradient norm is nan or
-    inf (the run diverged), else None. Under float16, norm is 0: the scaler skips inf gradients."""
-    if not (math.isfinite(loss) and math.isfinite(norm)):  # stop before nan reaches the weights
-        return (f"error: step {step}: loss {loss}, gradient norm {norm}: the run diverged and "
-                "stopped before the optimizer step; start again with a lower --max-lr or a "
-                f"longer --warmup-steps{resume()}")
+    inf (the run diverged), else None. Under float16 an inf norm is the scaler's to skip."""
+    if not (math.isfinite(loss) and (fp16 or math.isfinite(norm))):  # before nan is in the weights
+        return (f"error: step {step}: loss {loss}, gradient norm {norm}: diverged; stopped before "
+                f"the optimizer step; try a lower --max-lr or a longer --warmup-steps{resume()}")
     return None
 
 
@@ -395,21 +383,16 @@ def setup_ddp(device_name):
     one process per GPU; without torchrun, one process."""
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 0, 1, pick_device(device_name)
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    rank, local_rank, world_size = (int(os.environ[name]) for name in names)
     if device_name in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     elif device_name in ("auto", "cpu"):
         device = "cpu"
     else:
-        sys.exit(f"error: --device {device_name} under torchrun: DDP here runs on cpu, "
-                 "or on cuda where CUDA is")
-    # nccl: NVIDIA's GPU collectives, where this torch has them (not on Windows or macOS);
-    # gloo otherwise, which also all-reduces CUDA tensors, more slowly
-    nccl = device.startswith("cuda") and dist.is_nccl_available()
-    init_process_group(backend="nccl" if nccl else "gloo")
+        sys.exit(f"error: --device {device_name} under torchrun: use cpu, or cuda where CUDA is")
+    init_process_group(device)  # nccl on CUDA, else gloo (longrun.py)
     return True, rank, local_rank, world_size, device
 
 
@@ -467,31 +450,22 @@ def hellaswag_counts(model, examples, device, autocast):
     return n, correct_norm
 
 
-def sample(model, num_return_sequences, max_length, seed):
+def sample(model, args):
     """Stage 1's samples from the model now, uncompiled: growing lengths would recompile."""
     device, enc = next(model.parameters()).device, gpt2_tokenizer()
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), device=device)  # 8 tokens
-    prompt = prompt.unsqueeze(0).repeat(num_return_sequences, 1)  # (5, 8)
-    g = torch.Generator(device=device).manual_seed(seed)
-    rows = generate(model.eval(), prompt, max_length=max_length, generator=g)
+    prompt = prompt.unsqueeze(0).repeat(args.num_return_sequences, 1)  # (5, 8)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    rows = generate(model.eval(), prompt, max_length=args.max_length, generator=g)
     model.train()
     return [enc.decode(row.tolist()) for row in rows]
 
 
 def load_hellaswag(args, device, print0):
     """HellaSwag val for the in-run evaluation (`datasets` caches it; ranks that ask at once wait
-    for one download); offline, the run trains without it. Every rank scores a share: all have it,
-    or none uses it."""
+    for one download). Every rank scores a share: all have it, or none uses it."""
     gpt2_tokenizer()  # now, on all ranks: else rank 0 alone would fail at its first sample
-    if args.hellaswag_file and not os.path.isfile(args.hellaswag_file):
-        sys.exit(f"error: --hellaswag-file {args.hellaswag_file} not found")
-    try:
-        hella = list(iterate_examples("val", data_file=args.hellaswag_file))
-        hella = hella[:args.hellaswag_limit or None]
-    except HellaSwagError as e:  # offline, nothing cached; no `datasets`; not a HellaSwag file
-        hella = None
-        print0(f"HellaSwag is off for this run: {e}"
-               + ("" if args.hellaswag_file else "; pass --hellaswag-file PATH for a local copy"))
+    hella = examples_for_run(args.hellaswag_file, args.hellaswag_limit, print0)  # offline: None
     have = float(bool(hella))  # every rank has HellaSwag: the mean over the ranks is 1
     if dist.is_initialized() and all_reduce_mean(torch.tensor(have, device=device)) < 1:
         hella = None
@@ -528,8 +502,7 @@ def make_parser():
     parser.add_argument("-B", "--batch-size", type=flag_range(1), default=64, help="64 (4 on CPU)")
     parser.add_argument("-T", "--seq-len", type=flag_range(1, GPTConfig.block_size), default=1024,
                         help="1024 (128 on CPU)")
-    parser.add_argument("--steps", type=flag_range(1), default=19073,
-                        help="19073: 10B tokens / 524288 (50 on CPU)")
+    parser.add_argument("--steps", type=flag_range(1), default=19073, help="10B tokens; CPU: 50")
     parser.add_argument("--num-return-sequences", type=flag_range(1), default=5)
     parser.add_argument("--max-length", type=flag_range(9, GPTConfig.block_size), default=30,
                         help="tokens per sample, the 8-token prompt included")
@@ -542,25 +515,20 @@ def make_parser():
                         help="torch.compile the model (default: on for CUDA, off elsewhere)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 where native, else float16 (GPU) or float32 (CPU)")
-    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), default=None,
-                        help="the GPU's peak, for mfu")
+    parser.add_argument("--peak-tflops", type=flag_range(0, kind=float), help="GPU peak, for mfu")
     parser.add_argument("--total-batch-size", type=flag_range(1), default=524288,
                         help="tokens per step (4*B*T*ranks on CPU)")
     parser.add_argument("--max-lr", type=flag_range(0, kind=float), default=6e-4)  # GPT-3 125M
-    parser.add_argument("--warmup-steps", type=flag_range(0), default=715,
-                        help="715: GPT-3's 375M tokens (10 on CPU)")
+    parser.add_argument("--warmup-steps", type=flag_range(0), default=715, help="GPT-3's; CPU: 10")
     parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
     parser.add_argument("--eval-every", type=flag_range(1), default=250, help="250 (10 on CPU)")
     parser.add_argument("--val-tokens", type=flag_range(1), default=10485760,
-                        help="val loss tokens, the same on any number of GPUs: "
-                             "the lecture's 20 x 64 x 1024 x 8 (2560 on CPU)")
-    parser.add_argument("--hellaswag-file", default=None,
-                        help="a local HellaSwag val .jsonl/.parquet (default: hub)")
+                        help="the lecture's 20 x 64 x 1024 x 8 on any number of GPUs (CPU: 2560)")
+    parser.add_argument("--hellaswag-file", help="HellaSwag val .jsonl/.parquet (default: the hub)")
     parser.add_argument("--hellaswag-limit", type=flag_range(0), default=0,
                         help="examples per eval (0 = all; 40 on CPU)")
     parser.add_argument("--checkpoint-every", type=flag_range(1), default=5000)
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in --log-dir")
+    parser.add_argument("--resume", action="store_true", help="continue --log-dir's newest .pt")
     return parser
 
 
@@ -568,9 +536,9 @@ def main(argv=None):
     stop = StopSignals()  # a signal ends the run in one line; once training, after a saved step
     parser = make_parser()
     args = parser.parse_args(argv)
+    config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     # 50304 = 393 * 128: CUDA kernels work in blocks of 64 or 128; the 47 new rows are never targets
-    config = GPTConfig(vocab_size=50304,
-                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    config.vocab_size = 50304
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = setup_ddp(args.device)
     master_process = ddp_rank == 0  # rank 0 prints, logs, samples and saves checkpoints
     print0 = print if master_process else lambda *a, **k: None
@@ -581,8 +549,7 @@ def main(argv=None):
         args = parser.parse_args(argv)
     B, T = args.batch_size, args.seq_len
     if args.n_embd % args.n_head != 0:  # every head gets n_embd // n_head of the channels
-        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}; "
-                 "pass one that is")
+        sys.exit(f"error: --n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
     total_batch_size = args.total_batch_size or 4 * B * T * ddp_world_size  # CPU: 4 micro-steps
     if total_batch_size < 1 or total_batch_size % (B * T * ddp_world_size) != 0:
         sys.exit(f"error: --total-batch-size {total_batch_size} is not a positive multiple of "
@@ -601,13 +568,11 @@ def main(argv=None):
         sys.exit(f"error: {e}; re-create it with fineweb.py, or pass --data-dir")
     hella = load_hellaswag(args, device, print0)
 
-    # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa (Ampere and later; ~8x the fp32
-    # FLOP/s on an A100); activations and weights stay fp32 in memory
+    # TF32: fp32 matmuls on tensor cores, 10-bit mantissa (Ampere+: ~8x fp32 FLOP/s on an A100)
     torch.set_float32_matmul_precision("high")
     # bf16 where the chip computes it, else fp16 + grad scaler on a GPU (T4, V100), float32 on a CPU
-    default = ("bfloat16" if native_bf16(device_type)
-               else "float32" if device_type == "cpu" else "float16")
-    dtype = getattr(torch, args.dtype or default)
+    default = "float32" if device_type == "cpu" else "float16"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if native_bf16(device_type) else default))
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler"}.get(dtype, "off (float32)")
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     # inductor writes Triton kernels for a GPU (no Triton for Windows in PyTorch), C++ for a CPU
@@ -622,8 +587,7 @@ def main(argv=None):
     model = GPT(config)
     model.to(device)
     raw_model = model  # sampling's growing lengths would make a compiled model recompile
-    if use_compile:
-        model = torch.compile(model)  # fuses elementwise ops: fewer trips to GPU memory
+    model = torch.compile(model) if use_compile else model  # fewer trips to GPU memory
     if ddp:  # each backward all-reduces (averages) the gradients across ranks
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
     # MFU as nanoGPT reports it (the lecture prints tok/s): FLOPs per step / dt / GPU peak. 6 per
@@ -635,8 +599,7 @@ def main(argv=None):
     peak = args.peak_tflops or next((t for name, t in PEAK_TFLOPS.items() if name in gpu), None)
     optimizer = raw_model.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr,
                                                device_type=device_type, log=print0)
-    # fp16 keeps 5 exponent bits (bf16 keeps fp32's 8): gradients below ~6e-8 flush to 0. The scaler
-    # multiplies the loss, so every gradient, by a large factor and divides it out before the update
+    # fp16's 5 exponent bits flush gradients below ~6e-8 to 0: the scaler multiplies the loss first
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     run = run_record(args, total_batch_size, T)  # what fixes its trajectory (in each checkpoint)
     lock, ckpt_path, peers = open_log_dir(args.log_dir, args.resume, stop, print0)
@@ -663,8 +626,7 @@ def main(argv=None):
                                             autocast, print0)
             if (master_process and ((step > 0 and step % args.eval_every == 0) or last_step)
                     and not stopping):
-                texts = sample(raw_model, args.num_return_sequences, args.max_length, args.seed)
-                for i, text in enumerate(texts):
+                for i, text in enumerate(sample(raw_model, args)):
                     print(f"sample {i}: {text}")  # what does it say so far?
             t0 = time.time()
             optimizer.zero_grad()
@@ -685,10 +647,8 @@ def main(argv=None):
             scaler.unscale_(optimizer)  # float16: clip the true gradients, not the scaled ones
             # clip the global gradient norm at 1.0 (GPT-3): one unlucky batch cannot jolt the model
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            error = divergence_error(step, loss_accum.item(),
-                                     0.0 if scaler.is_enabled() else norm.item(),
-                                     lambda: " in a new --log-dir; or, if it was a one-off fault, "
-                                             + resume_hint(saved))
+            error = divergence_error(step, loss_accum.item(), norm.item(), scaler.is_enabled(),
+                                     lambda: resume_hint(saved, diverged=True))
             if error:
                 break  # every rank sees the same all-reduced loss and norm: all stop here
             lr = get_lr(step, args.max_lr, args.warmup_steps, args.steps)
@@ -697,8 +657,7 @@ def main(argv=None):
             scale = scaler.get_scale()
             scaler.step(optimizer)  # fp16: skipped if any gradient is inf/nan (scale too big)
             scaler.update()  # ... and then halves the scale (doubles it after 2000 clean steps)
-            # torch.cuda (.mps, .cpu).synchronize(): wait for queued GPU work, or dt stops too early
-            getattr(torch, device_type).synchronize()
+            getattr(torch, device_type).synchronize()  # wait for the queued work, or dt ends early
             dt = time.time() - t0
             losses.append(loss_accum.item())  # .item() waits for the device, copies the loss to CPU
             line = (f"step {step:5d} | loss {losses[-1]:.6f} | dt {dt * 1000:.2f}"
@@ -719,8 +678,7 @@ def main(argv=None):
                     print0(log.note(f"stopped after step {step}; {resume_hint(saved)}"))
                 break
     except RuntimeError as e:  # out of memory: a GPU's torch.OutOfMemoryError, a CPU's RuntimeError
-        hint = (f"try -B {B // 2} (at the same --total-batch-size the run stays the same)" if B > 1
-                else "try a smaller -T")
+        hint = f"try -B {B // 2} (same --total-batch-size: same run)" if B > 1 else "try -T smaller"
         oom = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
         error = f"error: out of memory at -B {B} -T {T} on {device}; {hint}" if oom else None
         error, group_alive = error or lost_rank(e, step, peers, saved), False  # else a rank died

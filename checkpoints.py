@@ -264,10 +264,11 @@ def command_line(resume):
     return launcher + " " + shlex.join(argv)
 
 
-def resume_hint(saved):
+def resume_hint(saved, diverged=False):
     """What a line that ends the run suggests: the command that continues from the newest checkpoint
     on disk, or, before the first one, the same command (--resume in a log dir without checkpoints
-    starts afresh)."""
+    starts afresh). After a divergence that is for a one-off fault; else start in a new log dir."""
     command = command_line(resume=True)
-    return (f"continue from {saved} with: {command}" if saved
+    hint = (f"continue from {saved} with: {command}" if saved
             else f"nothing is saved yet; start again with: {command}")
+    return f" in a new --log-dir; or, if it was a one-off fault, {hint}" if diverged else hint

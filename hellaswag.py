@@ -172,6 +172,21 @@ def iterate_examples(split="val", data_file=None, cache_dir=None):
         raise HellaSwagError(f"{data_file} holds no HellaSwag examples; pass the val split's file")
 
 
+def examples_for_run(data_file=None, limit=0, say=print):
+    """The val examples a training run scores (the first `limit`; 0: all), or None where there are
+    none to have (offline with nothing cached, no `datasets`, not a HellaSwag file): the run trains
+    on without them, and `say` prints one line saying why. A --hellaswag-file that is not there is a
+    mistake, not a reason to train without: it stops the run."""
+    if data_file and not os.path.isfile(data_file):
+        sys.exit(f"error: --hellaswag-file {data_file} not found")
+    try:
+        return list(iterate_examples("val", data_file=data_file))[:limit or None]
+    except HellaSwagError as e:
+        say(f"HellaSwag is off for this run: {e}"
+            + ("" if data_file else "; pass --hellaswag-file PATH for a local copy"))
+        return None
+
+
 def render_example(example, enc=None, block_size=None):
     """Tokenise one example into its 4 candidate rows.
 

@@ -31,8 +31,10 @@ except ImportError:  # Windows
 # the process group, and stopping together
 
 
-def init_process_group(backend):
-    """dist.init_process_group, made restartable: torchrun shares its store with the workers, and a
+def init_process_group(device):
+    """dist.init_process_group with nccl, NVIDIA's GPU collectives, on CUDA where torch has them
+    (not on Windows or macOS), gloo otherwise (it all-reduces CUDA tensors too, more slowly); made
+    restartable: torchrun shares its store with the workers, and a
     worker it restarts (--max-restarts) can read the previous attempt's addresses there and never
     connect (pytorch#135712; `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` also avoids it). So each attempt
     sets up in its own namespace.
@@ -47,6 +49,7 @@ def init_process_group(backend):
     if not seconds.replace(".", "", 1).isdigit() or float(seconds) <= 0:
         sys.exit(f"error: COLLECTIVE_TIMEOUT_S={seconds}: pass seconds, a number above 0")
     timeout = timedelta(seconds=float(seconds))
+    backend = "nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
@@ -423,6 +426,17 @@ class Log:
 
 class ShardError(Exception):  # a shard that is not what fineweb.py writes; the message names it
     pass
+
+
+def check_tokens(path, tokens, whole):
+    """The tokens of a shard fineweb.py wrote: 1-D uint16, and (read whole: one pass, each time a
+    shard is opened) GPT-2's ids, below 50257; else a ShardError naming the shard."""
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise ShardError(f"{path} holds {tokens.dtype} {tokens.shape}, "
+                         "not the 1-D uint16 tokens fineweb.py writes")
+    if whole and len(tokens) and tokens.max() >= 50257:
+        raise ShardError(f"{path} holds token id {tokens.max()}; GPT-2's ids are below 50257")
+    return tokens
 
 
 def shard_identity(path, tokens):

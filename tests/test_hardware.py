@@ -193,7 +193,7 @@ def test_out_of_memory_gives_one_line_with_the_batch_to_try(name, where, tmp_pat
         main_steps(m, args + ["--steps", "1", "-B", "4"] + (["--total-batch-size", "256"] if accumulates else []))
     line = str(e.value.code)
     assert "\n" not in line and line.startswith("error: out of memory at -B 4 -T 32 on cpu; try -B 2"), line
-    assert ("at the same --total-batch-size the run stays the same" in line) == accumulates
+    assert ("(same --total-batch-size: same run)" in line) == accumulates
 
 
 # ---------------------------------------------------------------------------- several machines

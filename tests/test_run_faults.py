@@ -172,8 +172,7 @@ def test_cpu_out_of_memory_in_a_step_is_one_line_in_the_log_too(run_args, tmp_pa
     monkeypatch.setattr(m.DataLoaderLite, "next_batch", next_batch)
     result, _, _ = quiet(m.main, [str(a) for a in run_args + ["--steps", "2"]])
     assert isinstance(result, SystemExit) and result.code == (
-        "error: out of memory at -B 2 -T 32 on cpu; try -B 1 (at the same --total-batch-size the "
-        "run stays the same)"
+        "error: out of memory at -B 2 -T 32 on cpu; try -B 1 (same --total-batch-size: same run)"
     )
     assert (tmp_path / "log" / "log.txt").read_text().splitlines()[-1] == f"# {result.code}"
 

@@ -215,7 +215,7 @@ def test_divergence_stops_before_the_optimizer_step(name, nproc, tmp_path):
     assert 1 <= len(rows) < 20 and all(math.isfinite(r["loss"]) and math.isfinite(r["norm"]) for r in rows)
     # the first non-finite step is the one after the last printed step; nothing of it was applied
     assert errors[0].startswith(f"error: step {len(rows)}: ") and ("nan" in errors[0] or "inf" in errors[0])
-    assert "start again with a lower --max-lr" in errors[0]
+    assert "try a lower --max-lr" in errors[0]
     if not every_step:
         return  # stage 6 writes no checkpoints
     checkpoints = sorted((tmp_path / "log").glob("model_*.pt"))
