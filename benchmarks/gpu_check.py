@@ -715,7 +715,7 @@ class Check:
             reserve = 25  # the interleaved rounds and the table after the last warm-up
         else:
             cmd = [sys.executable, script, "--device", "cpu", "-B", 1, "-T", 32, *TINY,
-                   "--warmup", 1, "--rounds", 2]
+                   "--warmup", 1, "--rounds", 1]
             cmd += [] if self.args.compile_on_cpu else ["--skip-compile"]
             reserve = 10
         # a warm-up that would end past it is not started (bench_speedup predicts a compilation
@@ -762,7 +762,7 @@ class Check:
                    "--min-batch", 2]
             reserve = 45  # a B started before the deadline: a compilation's time
         else:
-            cmd = [sys.executable, script, "--device", "cpu", "-T", "16", "--max-batch", "4", *TINY,
+            cmd = [sys.executable, script, "--device", "cpu", "-T", "16", "--max-batch", "2", *TINY,
                    "--modes", "eager,compile" if self.args.compile_on_cpu else "eager"]
             reserve = 5
         cmd += ["--deadline-s", f"{max(1, cap - reserve):.0f}"]

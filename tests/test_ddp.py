@@ -111,11 +111,17 @@ def test_log_file(shards, tmp_path):
 # ---------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.slow
-def test_offline_without_hellaswag_file_says_so_once_and_trains_on(shards, tmp_path):
-    """Offline with an empty `datasets` cache: one line naming the hub dataset and the flag."""
-    proc = run_script(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path / "log", "--steps", "2",
-                      "--eval-every", "1", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")})
+@pytest.mark.slow  # imports `datasets`
+def test_offline_without_hellaswag_file_says_so_once_and_trains_on(shards, tmp_path, monkeypatch):
+    """Offline (conftest sets HF_HUB_OFFLINE=1 before `datasets` is imported) with an empty `datasets`
+    cache: one line naming the hub dataset and the flag. The real `datasets` answers, in this process;
+    test_hellaswag's offline tests start a fresh interpreter with an empty HF_HOME."""
+    import hellaswag
+    empty = str(tmp_path / "datasets_cache")
+    hub_rows = hellaswag.hub_rows
+    monkeypatch.setattr(hellaswag, "hub_rows", lambda split, cache_dir=None: hub_rows(split, empty))
+    proc = run_here(NAME, *RUN, "--data-dir", shards, "--log-dir", tmp_path / "log", "--steps", "2",
+                    "--eval-every", "1")
     assert proc.returncode == 0, proc.stderr
     off = [line for line in proc.stdout.splitlines() if "HellaSwag is off for this run" in line]
     assert len(off) == 1 and "Rowan/hellaswag" in off[0] and "--hellaswag-file" in off[0], proc.stdout
@@ -275,9 +281,12 @@ def test_signal_saves_the_step_and_resume_goes_on_exactly(straight, tmp_path, np
     assert last.startswith(f"stopped after step {n - 1}; continue from {log / f'model_{n:05d}.pt'} with: "), proc.stdout
     command = shlex.split(last.split(" with: ", 1)[1])
     assert command[0] == ("torchrun" if nproc == 2 else "python") and command.count("--resume") == 1
-    run = [sys.executable] + (["-m", "torch.distributed.run"] if nproc == 2 else [])  # torchrun: need not be on PATH
-    resumed = subprocess.run(run + command[1:], cwd=ROOT,
-                             capture_output=True, text=True, timeout=600)
+    if nproc == 1:  # the printed `python 7_...py ARGS` in this process: the same numbers, no start-up
+        assert command[1].endswith(f"{NAME}.py")
+        resumed = run_here(NAME, *command[2:])
+    else:  # torchrun through this Python: it need not be on PATH
+        resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run"] + command[1:], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     rows = done + parse_steps(resumed.stdout)
     assert [r["step"] for r in rows] == list(range(6))

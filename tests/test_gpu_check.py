@@ -528,7 +528,7 @@ def test_cpu_rehearsal_writes_every_section_figure_and_raw_file(tmp_path):
     assert "CPU rehearsal" in report
     fig = figures(report)
     assert "skipped" in fig["pytest -m gpu, every gpu test (no CUDA: all skip)"]
-    assert [fig[f"memory -B {b} eager reserved GiB"] for b in (1, 2, 4)]
+    assert [fig[f"memory -B {b} eager reserved GiB"] for b in (1, 2)]
     assert all(fig[f"largest -B eager, {g} GB"] for g in check.CARDS_GB)
     for name in ("4_ fp32 eager", "+ bf16 autocast", "+ vocab 50304 (= 5_)", "6_ recipe"):
         assert "ms/step" in fig[f"speed: {name}"] and "MFU" in fig[f"speed: {name}"]

@@ -72,23 +72,29 @@ def test_step_with_inf_gradients_is_skipped_not_applied(name, tmp_path, monkeypa
             assert math.isfinite(r["norm"]) != (r.get("skipped") == 1)
 
 
-@pytest.mark.slow  # five runs, two of them in emulated bf16/fp16
+@pytest.mark.slow  # five starts of main, each tokenising input.txt: over a second
 @pytest.mark.parametrize("name", FAST)
-def test_default_dtype_is_bf16_only_where_the_cpu_computes_it(name, tmp_path, monkeypatch):
+def test_default_dtype_is_bf16_only_where_the_cpu_computes_it(name, tmp_path, monkeypatch, capsys):
     """Emulated bf16 is slower than float32 (a CPU without AVX512-BF16 or AMX: stage 5 took 2.8x stage 4's
-    time per step there), so the default is bf16 only where the chip has it; --dtype still decides."""
-    m, args = load(name), CPU + stage_args(name, tmp_path) + ["--steps", "1"]
-    log = iter(range(10))
-    run = lambda *extra: main_steps(m, args + list(extra) + (["--log-dir", tmp_path / f"log{next(log)}"]
-                                                             if name == NAME else []))[0]
+    time per step there), so the default is bf16 only where the chip has it; --dtype still decides. Each
+    run stops where the model would be built, after its settings line (test_bf16_autocast_trains_on_cpu
+    and test_float16_with_grad_scaler_tracks_float32 train in those dtypes)."""
+    m, args = load(name), CPU + stage_args(name, tmp_path)
+    monkeypatch.setattr(m, "GPT", lambda config: (_ for _ in ()).throw(SettingsPrinted()))
+
+    def settings(*extra):
+        with pytest.raises(SettingsPrinted):
+            m.main([str(a) for a in args + list(extra)])
+        return capsys.readouterr().out
+
     for avx512_bf16, amx in [(False, False), (True, False), (False, True)]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         native = avx512_bf16 or amx
         assert m.native_bf16("cpu") == native
-        assert ("autocast bf16 |" if native else "autocast off (float32) |") in run()
-    assert "autocast bf16 |" in run("--dtype", "bfloat16")  # asked for: emulated or not
-    assert "autocast fp16 + grad scaler |" in run("--dtype", "float16")
+        assert ("autocast bf16 |" if native else "autocast off (float32) |") in settings()
+    assert "autocast bf16 |" in settings("--dtype", "bfloat16")  # asked for: emulated or not
+    assert "autocast fp16 + grad scaler |" in settings("--dtype", "float16")
 
 
 @pytest.mark.parametrize("name", FAST)
