@@ -502,7 +502,7 @@ def make_parser():
     parser.add_argument("-B", "--batch-size", type=flag_range(1), default=64, help="64 (4 on CPU)")
     parser.add_argument("-T", "--seq-len", type=flag_range(1, GPTConfig.block_size), default=1024,
                         help="1024 (128 on CPU)")
-    parser.add_argument("--steps", type=flag_range(1), default=19073, help="10B tokens; CPU: 50")
+    parser.add_argument("--steps", type=flag_range(1), default=19073, help="19073 (50 on CPU)")
     parser.add_argument("--num-return-sequences", type=flag_range(1), default=5)
     parser.add_argument("--max-length", type=flag_range(9, GPTConfig.block_size), default=30,
                         help="tokens per sample, the 8-token prompt included")
@@ -519,16 +519,16 @@ def make_parser():
     parser.add_argument("--total-batch-size", type=flag_range(1), default=524288,
                         help="tokens per step (4*B*T*ranks on CPU)")
     parser.add_argument("--max-lr", type=flag_range(0, kind=float), default=6e-4)  # GPT-3 125M
-    parser.add_argument("--warmup-steps", type=flag_range(0), default=715, help="GPT-3's; CPU: 10")
+    parser.add_argument("--warmup-steps", type=flag_range(0), default=715, help="715 (10 on CPU)")
     parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
     parser.add_argument("--eval-every", type=flag_range(1), default=250, help="250 (10 on CPU)")
     parser.add_argument("--val-tokens", type=flag_range(1), default=10485760,
-                        help="the lecture's 20 x 64 x 1024 x 8 on any number of GPUs (CPU: 2560)")
+                        help="the lecture's 20 x 64 x 1024 x 8 on any number of GPUs (2560 on CPU)")
     parser.add_argument("--hellaswag-file", help="HellaSwag val .jsonl/.parquet (default: the hub)")
     parser.add_argument("--hellaswag-limit", type=flag_range(0), default=0,
                         help="examples per eval (0 = all; 40 on CPU)")
     parser.add_argument("--checkpoint-every", type=flag_range(1), default=5000)
-    parser.add_argument("--resume", action="store_true", help="continue --log-dir's newest .pt")
+    parser.add_argument("--resume", action="store_true", help="go on from --log-dir's newest .pt")
     return parser
 
 

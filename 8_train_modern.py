@@ -544,12 +544,12 @@ def make_parser():
     parser.add_argument("--log-dir", default=os.path.join(HERE, "log"))
     parser.add_argument("--eval-every", type=flag_range(1), default=250, help="250 (10 on CPU)")
     parser.add_argument("--val-tokens", type=flag_range(1), default=10485760,
-                        help="the lecture's 20 x 64 x 1024 x 8 on any number of GPUs (CPU: 2560)")
+                        help="the lecture's 20 x 64 x 1024 x 8 on any number of GPUs (2560 on CPU)")
     parser.add_argument("--hellaswag-file", help="HellaSwag val .jsonl/.parquet (default: the hub)")
     parser.add_argument("--hellaswag-limit", type=flag_range(0), default=0,
                         help="examples per eval (0 = all; 40 on CPU)")
     parser.add_argument("--checkpoint-every", type=flag_range(1), default=5000)
-    parser.add_argument("--resume", action="store_true", help="continue --log-dir's newest .pt")
+    parser.add_argument("--resume", action="store_true", help="go on from --log-dir's newest .pt")
     return parser
 
 
