@@ -13,7 +13,6 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2LMHeadModel
 
 import hellaswag
 from conftest import (RUN7, STAGE7, assert_clean_error, load, main_error, main_steps, make_examples, run_here, run_script,
@@ -24,6 +23,7 @@ RESULT = re.compile(r"^acc (\d\.\d{4}) acc_norm (\d\.\d{4}) over (\d+) examples$
 
 @pytest.fixture(scope="module")
 def model(hf_dir):
+    from transformers import GPT2LMHeadModel  # here, not at the top: collecting the suite need not import it
     return GPT2LMHeadModel.from_pretrained(hf_dir).eval()
 
 

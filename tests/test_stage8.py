@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import (ROOT, STAGE7, TINY, TORCHRUN, load, main_error, main_losses, parse_steps,
-                      run_script, write_checkpoint, write_shards)
+                      run_here, run_script, write_checkpoint, write_shards)
 
 STAGE8 = "8_train_modern"
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
@@ -162,7 +162,7 @@ def test_resume_continues_exactly_with_muons_momentum(m, shards, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(shards, tmp_path):
     argv = [str(a) for a in args8(shards, tmp_path / "one", "--steps", "4")]
-    one = run_script(STAGE8, *argv)
+    one = run_here(STAGE8, *argv)  # in this process: a subprocess would add only its start-up
     argv2 = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in argv]
     two = run_script(STAGE8, *argv2, cmd=TORCHRUN + [f"{STAGE8}.py"])
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
