@@ -21,7 +21,7 @@ from conftest import (ROOT, SCRIPTS, TINY, child_env, existing, load, load_fresh
 from test_ddp import NAME, RUN, run7
 
 FAST = existing(SCRIPTS[5:])  # stages 5-7 have --dtype
-CPU = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--no-compile"]
+CPU = TINY + ["--device", "cpu", "-B", "2", "-T", "32", "--no-compile", "--num-return-sequences", "1", "--max-length", "9"]
 
 
 def stage_args(name, tmp_path):

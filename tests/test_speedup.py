@@ -8,7 +8,7 @@ from conftest import (ROOT, SCRIPTS, TINY, TORCHRUN, existing, load, main_steps,
 
 FAST = existing(SCRIPTS[5:])  # stages with SDPA, autocast, compile and vocab 50304
 RECIPE = existing(SCRIPTS[6:])  # stages with the GPT-3 recipe
-CPU = TINY + ["--device", "cpu", "-B", "2", "-T", "16"]
+CPU = TINY + ["--device", "cpu", "-B", "2", "-T", "16", "--num-return-sequences", "1", "--max-length", "9"]
 
 
 def data_args(name, tmp_path):
